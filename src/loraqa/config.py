@@ -1,0 +1,135 @@
+"""One typed config for every command: defaults, YAML presets, flag overrides, validation.
+
+Precedence: dataclass defaults < YAML file (``--config``) < command-line flags.
+Every run writes the resolved config to ``<output_dir>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field whose help text becomes the flag's help."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # --- model -------------------------------------------------------------------------------
+    model: str = _f("gpt2", "hub name, local folder, or .gguf file of a causal LM")
+    init: str = _f("pretrained", "pretrained weights, or 'random' (seeded, built from the config)",
+                   choices=["pretrained", "random"])
+    tokenizer: str | None = _f(None, "tokenizer location when it differs from --model")
+    # --- data --------------------------------------------------------------------------------
+    train_file: str | None = _f(None, "SQuAD v1.1 JSON for training (default: hub rajpurkar/squad train)")
+    eval_file: str | None = _f(None, "SQuAD v1.1 JSON for evaluation (default: hub rajpurkar/squad validation)")
+    max_train_examples: int | None = _f(None, "keep the first N training questions (file order)")
+    max_eval_examples: int | None = _f(None, "keep the first N evaluation questions (file order)")
+    template: str = _f(DEFAULT_TEMPLATE, "prompt template with {context} and {question}, once each")
+    max_length: int | None = _f(None, "token budget for prompt + answer (default: the model's window)")
+    # --- method ------------------------------------------------------------------------------
+    method: str = _f("lora", "'lora' trains adapters; 'full' trains every weight",
+                     choices=["lora", "full"])
+    r: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = lora_alpha / r)")
+    lora_dropout: float = _f(0.1, "dropout on the LoRA input")
+    target_modules: list[str] | None = _f(
+        None, "comma-separated module names (default: PEFT's per-architecture list, c_attn for GPT-2)")
+    # --- training ----------------------------------------------------------------------------
+    epochs: int = _f(3, "passes over the training set")
+    batch_size: int = _f(4, "training examples per optimizer step (global, all processes)")
+    lr: float = _f(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.06, "share of steps with linear warmup; then linear decay to 0")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    precision: str = _f("auto", "'auto' (bf16 where supported, else fp32), 'bf16', 'fp16' or 'fp32'",
+                        choices=["auto", "bf16", "fp16", "fp32"])
+    seed: int = _f(42, "seed for weights (random init), LoRA init, dropout and data order")
+    # --- evaluation --------------------------------------------------------------------------
+    eval_batch_size: int = _f(16, "questions decoded together")
+    max_new_tokens: int = _f(32, "longest generated answer, in tokens")
+    # --- output ------------------------------------------------------------------------------
+    output_dir: str = _f("runs/latest", "run folder (config, history, predictions, metrics, adapter)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting; called on every construction and override."""
+        for name in ("r", "epochs", "batch_size", "eval_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_examples", "max_eval_examples", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        for name in ("init", "method", "precision"):
+            choices = _FIELDS[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{_flag(name)} must be one of {choices}, got {getattr(self, name)!r}")
+        for key in ("{context}", "{question}"):
+            if self.template.count(key) != 1:
+                raise ValueError(f"--template must contain {key} exactly once: {self.template!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> Config:
+        return load_config(None, {**self.to_dict(), **overrides})
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides``; unknown keys are errors."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of settings")
+        values.update(loaded)
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        where = f"config file {path}" if path else "settings"
+        raise ValueError(f"unknown keys in {where}: {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
+    return Config(**values)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from loraqa.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def fields() -> dict[str, dataclasses.Field]:
+    """The Config fields by name (the CLI builds its flags from these)."""
+    return dict(_FIELDS)

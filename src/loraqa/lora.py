@@ -1,0 +1,79 @@
+"""Thin wrapper over PEFT's LoRA: attach, load, merge, and the per-architecture targets.
+
+What this hides: GPT-2's ``c_attn`` is a ``transformers.pytorch_utils.Conv1D`` whose weight is
+stored (in, out), the transpose of ``nn.Linear``; PEFT needs ``fan_in_fan_out=True`` for it, which
+:func:`add_lora` sets whenever a targeted module is a Conv1D.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraqa.model import count_parameters
+
+
+def default_target_modules(model) -> list[str]:
+    """PEFT's default LoRA targets for this architecture (``c_attn`` for GPT-2)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = model.config.model_type
+    if model_type not in DEFAULTS:
+        raise ValueError(f"no default LoRA targets for model type '{model_type}'; pass --target-modules")
+    return list(DEFAULTS[model_type])
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    # PEFT's rule for a list of names: the module's name equals a target or ends with ".target"
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def add_lora(model, r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.1,
+             target_modules: list[str] | None = None):
+    """Freeze ``model`` and attach LoRA adapters to ``target_modules``; returns a PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = list(target_modules) if target_modules else default_target_modules(model)
+    matched = [m for n, m in model.named_modules() if _matches(n, targets)]
+    if not matched:
+        raise ValueError(f"--target-modules {','.join(targets)} match no module of {model.config.model_type}; "
+                         f"names there include: {', '.join(sorted(_leaf_names(model))[:20])}")
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched),
+        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _leaf_names(model) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())}
+
+
+def load_adapter(model, adapter_dir: str | Path):
+    """A saved adapter (PEFT ``save_pretrained`` folder) on top of ``model``, for inference."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ValueError(f"--adapter {adapter_dir}: no adapter_config.json there (not a PEFT adapter folder)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except RuntimeError as e:  # shape mismatches: the adapter was made for another base model
+        raise ValueError(f"--adapter {adapter_dir} does not fit this base model: {str(e).splitlines()[0]}") from None
+
+
+def prepare_model(model, method: str, r: int, lora_alpha: float, lora_dropout: float,
+                  target_modules: list[str] | None):
+    """Apply the training method: LoRA adapters, or every weight trainable ('full')."""
+    if method == "lora":
+        return add_lora(model, r, lora_alpha, lora_dropout, target_modules)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def parameter_counts(model, base_total: int) -> dict[str, float]:
+    """Trainable parameters against the *base* model's size (adapters not counted in the total)."""
+    trainable, _ = count_parameters(model)
+    return {"trainable_params": trainable, "total_params": base_total,
+            "trainable_percent": 100.0 * trainable / base_total}

@@ -1,0 +1,112 @@
+"""Load any Hugging Face causal LM and its tokenizer: hub name, local folder, or ``.gguf`` file.
+
+What this hides:
+- GGUF: transformers de-quantises the weights to ordinary floats but still marks the model as
+  quantized (``hf_quantizer``, ``config.quantization_config``), and trainers then refuse it.
+  :func:`load_model` removes those marks, so a GGUF model trains like any other.
+- GPT-2 (and others) have no pad token: the tokenizer's EOS is used. The loss mask never relies
+  on pad ids (see ``features.collate_train``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def model_source(name: str) -> tuple[str, dict]:
+    """(location, extra from_pretrained kwargs) for a hub name, folder or .gguf file."""
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"--model {name}: no such .gguf file")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--model {name}: a file, but not a .gguf; give a model folder, a .gguf file or a hub name")
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not path.exists():
+        raise ValueError(f"--model {name}: no such folder or file")
+    return name, {}
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    location, kwargs = model_source(name)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {name} has no EOS token; answers need one to end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.is_fast:
+        raise ValueError(f"tokenizer {name} is not a fast tokenizer; loraqa needs character offsets")
+    return tokenizer
+
+
+def _unmark_quantized(model) -> None:
+    """GGUF weights arrive de-quantised; drop the flags that make trainers refuse them."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_model(name: str, init: str = "pretrained", seed: int = 0):
+    """A float32 causal LM; ``init='random'`` builds it from its config with seeded weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    location, kwargs = model_source(name)
+    if init == "random":
+        config = AutoConfig.from_pretrained(location, **kwargs)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    _unmark_quantized(model)
+    return model
+
+
+def context_window(model) -> int | None:
+    """The model's maximum sequence length, where its config states one."""
+    config = model.config
+    for key in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 where the device computes it natively, else fp32 (fp16 only when asked)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; shared (tied) tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
