@@ -4,6 +4,10 @@
     loraqa evaluate  generate + score a base model or a saved adapter
     loraqa score     DATA_FILE PREDICTIONS_FILE, like SQuAD's evaluate-v1.1.py
     loraqa params    trainable / total parameter counts
+    loraqa compare   zero-shot vs LoRA vs full fine-tuning, one run folder each, plus a report
+    loraqa report    run folders -> report.md and plots
+    loraqa merge     base model + adapter -> a plain transformers model
+    loraqa ask       answer a question (or a JSONL file of them) with a model and adapter
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from loraqa.config import fields, load_config
@@ -18,8 +23,10 @@ from loraqa.config import fields, load_config
 TRAIN_FLAGS = list(fields())
 EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "max_eval_examples", "template", "max_length",
               "eval_batch_size", "max_new_tokens", "precision", "seed", "output_dir"]
+ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "eval_batch_size", "max_new_tokens",
+             "precision", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
-ALIASES = {"evaluate": {"eval_batch_size": ["--batch-size"]}}
+ALIASES = {"evaluate": {"eval_batch_size": ["--batch-size"]}, "ask": {"eval_batch_size": ["--batch-size"]}}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], command: str) -> None:
@@ -50,6 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions_file", help="JSON object {question id: answer}")
     p = sub.add_parser("params", help="trainable / total parameters")
     _add_config_flags(p, PARAMS_FLAGS, "params")
+    p = sub.add_parser("compare", help="zero-shot vs LoRA vs full fine-tuning on the same data, with a report")
+    _add_config_flags(p, TRAIN_FLAGS, "compare")
+    p.add_argument("--methods", default="zero-shot,lora,full", help="comma-separated rows: zero-shot, lora, full")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+                   help="an extra LoRA row, e.g. 'lora-r32:r=32;lora_alpha=64' (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("report", help="report.md and plots from run folders (no torch needed)")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--output-dir", required=True, help="where report.md and the PNGs go")
+    p = sub.add_parser("merge", help="merge an adapter into its base model and save a plain model")
+    _add_config_flags(p, ["model", "init", "tokenizer", "seed"], "merge")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    p.add_argument("--output-dir", required=True, help="folder for the merged model")
+    p = sub.add_parser("ask", help="answer questions with a model (+ adapter)")
+    _add_config_flags(p, ASK_FLAGS, "ask")
+    p.add_argument("--adapter", help="PEFT adapter folder to apply to --model")
+    context = p.add_mutually_exclusive_group()
+    context.add_argument("--context", help="the passage to answer from")
+    context.add_argument("--context-file", help="a text file holding the passage")
+    p.add_argument("--question", help="the question (with --context or --context-file)")
+    p.add_argument("--input", help="JSONL of {context, question, id?}; answers go to --output as JSONL")
+    p.add_argument("--output", help="JSONL answers file for --input (default: standard output)")
     return parser
 
 
@@ -105,10 +134,66 @@ def cmd_params(args: argparse.Namespace) -> None:
           f"({counts['trainable_percent']:.4f}%)", file=sys.stderr)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "params": cmd_params}
+def cmd_compare(args: argparse.Namespace) -> None:
+    from loraqa.compare import run_compare
+
+    config = load_config(args.config, _settings(args, TRAIN_FLAGS))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    print(f"report: {run_compare(config, methods, args.extra, quiet=args.quiet)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from loraqa.report import write_report
+
+    print(f"report: {write_report(args.runs, args.output_dir)}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from loraqa.inference import merge
+
+    merge(load_config(args.config, _settings(args, ["model", "init", "tokenizer", "seed"])), args.adapter,
+          args.output_dir)
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from loraqa.data import Example
+    from loraqa.inference import ask, read_questions
+    from loraqa.io import write_text_atomic
+    from loraqa.pipeline import adapter_settings
+
+    saved = adapter_settings(args.adapter) if args.adapter else {}
+    config = load_config(args.config, {**saved, **_settings(args, ASK_FLAGS)})
+    if args.input:
+        if args.question or args.context or args.context_file:
+            raise ValueError("--input replaces --context/--context-file/--question; give one or the other")
+        examples = read_questions(args.input)
+    else:
+        if not args.question or not (args.context or args.context_file):
+            raise ValueError("give --question with --context or --context-file (or --input FILE.jsonl)")
+        try:
+            context = args.context or Path(args.context_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--context-file {args.context_file}: cannot read: {e.strerror}") from None
+        examples = [Example("1", "", context, args.question, ())]
+    answers = ask(config, args.adapter, examples)
+    if not args.input:
+        print(answers["1"])
+        return
+    lines = "".join(json.dumps({"id": ex.id, "question": ex.question, "answer": answers[ex.id]}, ensure_ascii=False)
+                    + "\n" for ex in examples)
+    if args.output:
+        write_text_atomic(args.output, lines)
+    else:
+        sys.stdout.write(lines)
+
+
+COMMANDS = {"merge": cmd_merge, "ask": cmd_ask, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "params": cmd_params,
+            "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # PEFT calls a transformers property that transformers deprecated; the warning is not the user's
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
@@ -116,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loraqa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"loraqa {args.command}: interrupted", file=sys.stderr)
+        resume = "; a checkpoint was saved: run the same command again to resume" if args.command == "train" else ""
+        print(f"loraqa {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
     return 0
 

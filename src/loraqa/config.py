@@ -55,6 +55,8 @@ class Config:
     precision: str = _f("auto", "'auto' (bf16 where supported, else fp32), 'bf16', 'fp16' or 'fp32'",
                         choices=["auto", "bf16", "fp16", "fp32"])
     seed: int = _f(42, "seed for weights (random init), LoRA init, dropout and data order")
+    save_steps: int = _f(0, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
+    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     # --- evaluation --------------------------------------------------------------------------
     eval_batch_size: int = _f(16, "questions decoded together")
     max_new_tokens: int = _f(32, "longest generated answer, in tokens")
@@ -66,9 +68,12 @@ class Config:
 
     def validate(self) -> None:
         """Raise ValueError naming the setting; called on every construction and override."""
-        for name in ("r", "epochs", "batch_size", "eval_batch_size", "max_new_tokens"):
+        for name in ("r", "epochs", "batch_size", "eval_batch_size", "max_new_tokens", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_steps",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("max_train_examples", "max_eval_examples", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:

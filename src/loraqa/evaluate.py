@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from loraqa.analysis import analyse
 from loraqa.data import Example
 from loraqa.features import build_eval_features
 from loraqa.generate import predict
@@ -32,5 +33,6 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
         "eval_windowed": stats.windowed,
         "eval_dropped": stats.dropped,
         "empty_predictions": sum(1 for p in predictions.values() if not p),
+        "analysis": analyse(examples, predictions),
     })
     return predictions, metrics

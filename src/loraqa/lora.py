@@ -58,8 +58,9 @@ def load_adapter(model, adapter_dir: str | Path):
         raise ValueError(f"--adapter {adapter_dir}: no adapter_config.json there (not a PEFT adapter folder)")
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except RuntimeError as e:  # shape mismatches: the adapter was made for another base model
-        raise ValueError(f"--adapter {adapter_dir} does not fit this base model: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, ValueError) as e:  # shape or name mismatches: made for another base model
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise ValueError(f"--adapter {adapter_dir} was made for another base model: {detail}") from None
 
 
 def prepare_model(model, method: str, r: int, lora_alpha: float, lora_dropout: float,

@@ -33,7 +33,10 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     location, kwargs = model_source(name)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {name}: {_first_line(e)}") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name} has no EOS token; answers need one to end")
     if tokenizer.pad_token_id is None:
@@ -54,19 +57,30 @@ def _unmark_quantized(model) -> None:
         del model.config.quantization_config
 
 
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def load_model(name: str, init: str = "pretrained", seed: int = 0):
     """A float32 causal LM; ``init='random'`` builds it from its config with seeded weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     location, kwargs = model_source(name)
-    if init == "random":
+    try:
         config = AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as e:  # no config.json, hub unreachable, unknown architecture
+        raise ValueError(f"--model {name}: cannot load it: {_first_line(e)}") from None
+    if init == "random":
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        except OSError as e:  # a config but no weights: --init random builds from the config alone
+            raise ValueError(f"--model {name}: cannot load its weights ({_first_line(e)}); "
+                             "for a config-only folder use --init random") from None
     _unmark_quantized(model)
     return model
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from loraqa.config import Config, save_config
 from loraqa.data import load_examples
@@ -27,6 +27,7 @@ from loraqa.model import (context_window, count_parameters, load_model, load_tok
 from loraqa.train import train
 
 ADAPTER_SETTINGS = "loraqa.json"  # beside the adapter: how prompts were built for it
+CHECKPOINTS = "checkpoints"
 
 
 def log(message: str) -> None:
@@ -35,6 +36,15 @@ def log(message: str) -> None:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory on CUDA; else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def resolve_max_length(config: Config, model) -> int:
@@ -75,11 +85,29 @@ def _report_features(kind: str, stats) -> None:
         f"{stats.dropped} dropped (too long to fit at all)")
 
 
-def run_train(config: Config, progress: bool = True) -> dict:
-    """Train with ``config``, save the adapter (or model), evaluate, and write the run folder."""
+def claim_output_dir(config: Config) -> Path:
+    """The run folder, refusing one that holds a run with other settings (it would be mixed up)."""
     out = Path(config.output_dir)
+    saved = out / "config.yaml"
+    if saved.is_file():
+        previous = yaml.safe_load(saved.read_text()) or {}
+        changed = sorted(k for k, v in config.to_dict().items() if previous.get(k, v) != v)
+        if changed:
+            raise ValueError(f"--output-dir {out} holds a run with other settings ({', '.join(changed)}); "
+                             "choose another folder, or remove it")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--output-dir {out} is not empty and holds no loraqa run; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    save_config(config, saved)
+    return out
+
+
+def run_train(config: Config, progress: bool = True) -> dict:
+    """Train with ``config``, save the adapter (or model), evaluate, and write the run folder.
+
+    Rerun with the same settings and output dir, it resumes from the newest checkpoint.
+    """
+    out = claim_output_dir(config)
     device = pick_device()
     precision = resolve_precision(config.precision, device)
     model, tokenizer, base_total = load_base(config)
@@ -100,20 +128,20 @@ def run_train(config: Config, progress: bool = True) -> dict:
     log(f"{config.method}: {counts['trainable_params']:,} trainable of {base_total:,} parameters "
         f"({counts['trainable_percent']:.4f}%); device {device}, precision {precision}, max length {max_length}")
 
-    history: list[dict] = []
-
-    def on_epoch_end(row: dict) -> None:
-        history.append(row)
+    def on_epoch_end(history: list[dict]) -> None:
         write_jsonl_atomic(out / "history.jsonl", history)
+        row = history[-1]
         log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}")
 
-    start = time.perf_counter()
-    train(model, train_features, eval_loss_features, epochs=config.epochs, batch_size=config.batch_size,
-          lr=config.lr, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
-          max_grad_norm=config.max_grad_norm, seed=config.seed, pad_id=tokenizer.pad_token_id,
-          device=device, precision=precision, eval_batch_size=config.eval_batch_size,
-          on_epoch_end=on_epoch_end, progress=progress)
-    train_seconds = time.perf_counter() - start
+    history = train(
+        model, train_features, eval_loss_features, epochs=config.epochs, batch_size=config.batch_size,
+        lr=config.lr, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
+        max_grad_norm=config.max_grad_norm, seed=config.seed, pad_id=tokenizer.pad_token_id,
+        device=device, precision=precision, eval_batch_size=config.eval_batch_size,
+        on_epoch_end=on_epoch_end, progress=progress, checkpoint_dir=out / CHECKPOINTS,
+        save_steps=config.save_steps, keep_checkpoints=config.keep_checkpoints)
+    write_jsonl_atomic(out / "history.jsonl", history)
+    train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
     save_trained(model, tokenizer, config, max_length, out)
 
     predictions, metrics = evaluate(
@@ -126,9 +154,11 @@ def run_train(config: Config, progress: bool = True) -> dict:
         "train_windowed": train_stats.windowed, "train_dropped": train_stats.dropped,
         "train_tokens": sum(r["train_tokens"] for r in history),
         "train_tokens_per_second": sum(r["train_tokens"] for r in history) / sum(r["train_seconds"] for r in history),
-        "device": str(device), "precision": precision, "max_length": max_length})
+        "device": str(device), "precision": precision, "max_length": max_length,
+        "peak_memory_mb": peak_memory_mb(device)})
     write_json_atomic(out / "predictions.json", predictions)
     write_json_atomic(out / "metrics.json", metrics)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the run is complete: adapter/ or model/ holds it
     log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} questions; "
         f"run folder {out}")
     return metrics
@@ -140,9 +170,11 @@ def save_trained(model, tokenizer, config: Config, max_length: int, out: Path) -
                 "init": config.init, "seed": config.seed}
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
         if config.method == "full":
+            model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
+        else:  # LoRA leaves the embeddings alone: skip PEFT's check of the base model's vocabulary
+            model.save_pretrained(folder, save_embedding_layers=False)
         (folder / ADAPTER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
 
     save_dir_atomic(out / ("adapter" if config.method == "lora" else "model"), write)
@@ -159,9 +191,7 @@ def adapter_settings(adapter: str | Path) -> dict:
 
 def run_evaluate(config: Config, adapter: str | None = None, progress: bool = True) -> dict:
     """Evaluate the base model, or the base model plus ``adapter``; writes predictions + metrics."""
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    out = claim_output_dir(config)
     device = pick_device()
     precision = resolve_precision(config.precision, device)
     model, tokenizer, base_total = load_base(config)
@@ -174,8 +204,10 @@ def run_evaluate(config: Config, adapter: str | None = None, progress: bool = Tr
         model, tokenizer, examples, template=config.template, max_length=max_length,
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
         precision=precision, progress=progress)
-    metrics.update({"adapter": str(adapter) if adapter else None, "total_params": base_total,
-                    "device": str(device), "precision": precision, "max_length": max_length})
+    metrics.update({"method": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
+                    "trainable_params": 0, "total_params": base_total, "trainable_percent": 0.0,
+                    "device": str(device), "precision": precision, "max_length": max_length,
+                    "peak_memory_mb": peak_memory_mb(device)})
     write_json_atomic(out / "predictions.json", predictions)
     write_json_atomic(out / "metrics.json", metrics)
     log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} questions; "

@@ -1,0 +1,244 @@
+"""loraqa vs the standard recipe, side by side, on the same examples: training and evaluation speed.
+
+The standard recipe is what a user writes with the ecosystem's parts: ``transformers.Trainer`` +
+PEFT LoRA (same r, alpha, dropout, targets), every example padded to a fixed length, fp32, the full
+LM head, and ``model.generate`` one question at a time (with the same stop tokens and
+``max_new_tokens``). Each phase runs in its own subprocess so peak RSS is its own.
+
+    python benchmarks/speed.py --model ../shared/data/gpt2 --init random \
+        --train-file ../shared/data/squad/proxy-train-v1.1.json \
+        --eval-file ../shared/data/squad/proxy-dev-v1.1.json
+
+Model FLOPs per real training token (frozen base, so backward computes input gradients only):
+    4 * N_body + 8 * n_layer * d_model * T          (N_body: non-embedding weights, T: mean length)
+plus 4 * d_model * V for each *answer* token (the LM head that the loss needs). The same useful
+FLOPs are credited to both recipes; utilisation = achieved / the matmul peak measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+PHASES = ["matmul", "train-loraqa", "train-standard", "eval-loraqa", "eval-standard"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def phase_matmul(args) -> dict:
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 3.0:
+            a @ b
+            reps += 1
+        out[f"{name}_gflops"] = 2 * 2048 ** 3 * reps / (time.perf_counter() - start) / 1e9
+    return out
+
+
+def _setup(args):
+    import torch
+
+    from loraqa.data import load_examples
+    from loraqa.model import load_model, load_tokenizer
+
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_model(args.model, args.init, args.seed)
+    train = load_examples(args.train_file, "train", args.train_examples)
+    evals = load_examples(args.eval_file, "validation", args.eval_examples)
+    return model, tokenizer, train, evals
+
+
+def _flops_per_token(model, mean_len: float, answer_share: float) -> float:
+    config = model.config
+    d, n_layer = config.hidden_size, config.num_hidden_layers
+    emb = model.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - emb
+    if not config.tie_word_embeddings:
+        body -= model.get_output_embeddings().weight.numel()
+    return 4 * body + 8 * n_layer * d * mean_len + answer_share * 4 * d * config.vocab_size
+
+
+def phase_train_loraqa(args) -> dict:
+    import torch
+
+    from loraqa.config import DEFAULT_TEMPLATE
+    from loraqa.features import build_train_features
+    from loraqa.lora import add_lora
+    from loraqa.train import train
+
+    model, tokenizer, examples, _ = _setup(args)
+    features, stats = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, args.max_length)
+    flops = _flops_per_token(model, sum(len(f.input_ids) for f in features) / len(features),
+                             sum(len(f.input_ids) - f.n_prompt for f in features) / sum(len(f.input_ids) for f in features))
+    model = add_lora(model, args.r, 2 * args.r, 0.1)
+    history = train(model, features, [], epochs=1, batch_size=args.batch_size, lr=2e-4, weight_decay=0.0,
+                    warmup_ratio=0.0, max_grad_norm=1.0, seed=args.seed, pad_id=tokenizer.pad_token_id,
+                    device=torch.device("cpu"), precision=args.precision, eval_batch_size=args.batch_size,
+                    progress=False)
+    row = history[0]
+    return {"real_tokens": row["train_tokens"], "seconds": row["train_seconds"],
+            "tokens_per_second": row["train_tokens_per_second"], "flops_per_token": flops,
+            "dropped": stats.dropped, "peak_rss_mb": peak_rss_mb()}
+
+
+def phase_train_standard(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from loraqa.prompt import format_target, prompt_of
+    from loraqa.config import DEFAULT_TEMPLATE
+
+    model, tokenizer, examples, _ = _setup(args)
+    rows = []
+    for ex in examples:  # what the user writes: pad to a fixed length, mask the prompt's labels
+        prompt = prompt_of(ex, DEFAULT_TEMPLATE)
+        n_prompt = len(tokenizer(prompt)["input_ids"])
+        enc = tokenizer(prompt + format_target(ex.answer) + tokenizer.eos_token, max_length=args.fixed_length,
+                        padding="max_length", truncation=True)
+        labels = [t if i >= n_prompt and m else -100 for i, (t, m) in enumerate(zip(enc["input_ids"], enc["attention_mask"]))]
+        rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    dataset = [{k: torch.tensor(v) for k, v in r.items()} for r in rows]
+    targets = ["c_attn"] if model.config.model_type == "gpt2" else ["q_proj", "v_proj"]
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.1,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    training_args = TrainingArguments(output_dir="/tmp/loraqa-bench-trainer", per_device_train_batch_size=args.batch_size,
+                                      num_train_epochs=1, learning_rate=2e-4, report_to="none", save_strategy="no",
+                                      logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=args.seed)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    real = sum(sum(r["attention_mask"]) for r in rows)
+    return {"real_tokens": real, "padded_tokens": len(rows) * args.fixed_length, "seconds": seconds,
+            "tokens_per_second": real / seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def phase_eval_loraqa(args) -> dict:
+    import torch
+
+    from loraqa.evaluate import evaluate
+    from loraqa.config import DEFAULT_TEMPLATE
+
+    model, tokenizer, _, examples = _setup(args)
+    start = time.perf_counter()
+    predictions, metrics = evaluate(model, tokenizer, examples, template=DEFAULT_TEMPLATE, max_length=args.max_length,
+                                    max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+                                    device=torch.device("cpu"), precision=args.precision, progress=False)
+    seconds = time.perf_counter() - start
+    return {"questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
+            "f1": metrics["f1"], "predictions": predictions, "peak_rss_mb": peak_rss_mb()}
+
+
+def phase_eval_standard(args) -> dict:
+    import torch
+
+    from loraqa.config import DEFAULT_TEMPLATE
+    from loraqa.generate import stop_token_ids
+    from loraqa.metrics import squad_scores
+    from loraqa.prompt import cut_answer, prompt_of
+
+    model, tokenizer, _, examples = _setup(args)
+    model.eval()
+    stops = stop_token_ids(tokenizer)  # the same stopping rule as loraqa: EOS or a newline
+    predictions = {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for ex in examples:
+            enc = tokenizer(prompt_of(ex, DEFAULT_TEMPLATE), return_tensors="pt")
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            predictions[ex.id] = cut_answer(text)
+    seconds = time.perf_counter() - start
+    f1 = squad_scores({ex.id: ex.answers for ex in examples}, predictions)["f1"]
+    return {"questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
+            "f1": f1, "predictions": predictions, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_phase(name: str, argv: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--phase", name, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"phase {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"])
+    p.add_argument("--tokenizer")
+    p.add_argument("--train-file", required=True)
+    p.add_argument("--eval-file", required=True)
+    p.add_argument("--train-examples", type=int, default=200)
+    p.add_argument("--eval-examples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--fixed-length", type=int, default=384, help="the standard recipe's padded length")
+    p.add_argument("--max-length", type=int, default=1024, help="loraqa's token budget")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phases", default=",".join(PHASES))
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args()
+    if args.phase:
+        if args.precision == "auto":
+            import torch
+
+            from loraqa.model import resolve_precision
+            args.precision = resolve_precision("auto", torch.device("cpu"))
+        print(json.dumps(globals()["phase_" + args.phase.replace("-", "_")](args)))
+        return
+    argv = [a for a in sys.argv[1:]]
+    results = {}
+    for name in args.phases.split(","):
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = run_phase(name, argv)
+    report(results, args)
+
+
+def report(r: dict, args) -> None:
+    import os
+    import platform
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model} "
+          f"({args.init}); batch {args.batch_size}; {args.train_examples} train / {args.eval_examples} eval questions")
+    if "matmul" in r:
+        print(f"matmul peak (2048^2): fp32 {r['matmul']['fp32_gflops']:.0f} GFLOP/s, bf16 {r['matmul']['bf16_gflops']:.0f} GFLOP/s")
+    if "train-loraqa" in r and "train-standard" in r:
+        ours, std = r["train-loraqa"], r["train-standard"]
+        print(f"train  real tokens/s   loraqa {ours['tokens_per_second']:8.1f}   standard {std['tokens_per_second']:8.1f}"
+              f"   ratio {ours['tokens_per_second'] / std['tokens_per_second']:.2f}x")
+        print(f"train  peak RSS MB     loraqa {ours['peak_rss_mb']:8.0f}   standard {std['peak_rss_mb']:8.0f}")
+        if "matmul" in r:
+            for name, row in (("loraqa", ours), ("standard", std)):
+                achieved = row["tokens_per_second"] * ours["flops_per_token"] / 1e9
+                print(f"train  {name:8s} model {achieved:6.1f} GFLOP/s = {100 * achieved / r['matmul']['fp32_gflops']:.1f}% "
+                      f"of fp32 peak, {100 * achieved / r['matmul']['bf16_gflops']:.1f}% of bf16 peak")
+    if "eval-loraqa" in r and "eval-standard" in r:
+        ours, std = r["eval-loraqa"], r["eval-standard"]
+        same = sum(ours["predictions"][k] == v for k, v in std["predictions"].items())
+        print(f"eval   questions/s     loraqa {ours['questions_per_second']:8.2f}   standard {std['questions_per_second']:8.2f}"
+              f"   ratio {ours['questions_per_second'] / std['questions_per_second']:.2f}x")
+        print(f"eval   peak RSS MB     loraqa {ours['peak_rss_mb']:8.0f}   standard {std['peak_rss_mb']:8.0f}")
+        print(f"eval   identical predictions: {same}/{len(std['predictions'])}; F1 loraqa {ours['f1']:.2f}, standard {std['f1']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

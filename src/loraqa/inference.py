@@ -1,0 +1,72 @@
+"""Use a result: merge an adapter into a plain model, and answer questions with a model (+ adapter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loraqa.config import Config
+from loraqa.data import DataError, Example
+from loraqa.features import build_eval_features
+from loraqa.generate import predict
+from loraqa.lora import load_adapter
+from loraqa.pipeline import (ADAPTER_SETTINGS, load_base, log, pick_device, resolve_max_length,
+                             save_dir_atomic)
+from loraqa.model import resolve_precision
+
+
+def merge(config: Config, adapter: str, output_dir: str) -> Path:
+    """Base model + adapter -> a plain transformers model folder (safetensors + tokenizer)."""
+    model, tokenizer, _ = load_base(config)
+    merged = load_adapter(model, adapter).merge_and_unload()
+    target = Path(output_dir)
+    settings = Path(adapter) / ADAPTER_SETTINGS
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        if settings.is_file():  # keep the prompt settings with the merged model
+            (folder / ADAPTER_SETTINGS).write_text(settings.read_text())
+
+    save_dir_atomic(target, write)
+    log(f"merged {adapter} into {config.model}: {target}")
+    return target
+
+
+def read_questions(path: str) -> list[Example]:
+    """JSONL, one {"context": ..., "question": ..., "id"?: ...} per line."""
+    examples = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        for key in ("context", "question"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError(f"{path}: line {n}: field '{key}' must be a non-empty string")
+        examples.append(Example(str(row.get("id", n)), "", row["context"], row["question"], ()))
+    if not examples:
+        raise DataError(f"{path}: no questions")
+    return examples
+
+
+def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False) -> dict[str, str]:
+    """{id: answer} for each example, decoded in batches."""
+    device = pick_device()
+    model, tokenizer, _ = load_base(config)
+    max_length = resolve_max_length(config, model)
+    if adapter:
+        model = load_adapter(model, adapter)
+    model.to(device)
+    features, stats = build_eval_features(tokenizer, examples, config.template, max_length, config.max_new_tokens)
+    if stats.windowed or stats.dropped:
+        log(f"{stats.windowed} contexts cut to fit {max_length} tokens; {stats.dropped} questions too long to answer")
+    answers = predict(model, tokenizer, features, config.eval_batch_size, config.max_new_tokens, device,
+                      resolve_precision(config.precision, device), progress)
+    return {ex.id: answers.get(ex.id, "") for ex in examples}

@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny GPT-2 and a byte-level BPE tokenizer, both built here, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SQUAD = FIXTURES / "tiny-squad.json"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _corpus() -> list[str]:
+    data = json.loads(SQUAD.read_text())
+    texts = ["Context: Question: Answer:\n"]
+    for article in data["data"]:
+        for p in article["paragraphs"]:
+            texts.append(p["context"])
+            for qa in p["qas"]:
+                texts += [qa["question"]] + [" " + a["text"] for a in qa["answers"]]
+    return texts * 4
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    # like GPT-2: EOS only, no pad token (loraqa must set pad = eos itself)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder with a 2-layer, 32-wide GPT-2 (seeded random weights) and its tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        initializer_range=0.3)  # logits wide enough for LoRA to move them
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tokenizer(tiny_model_dir):
+    from loraqa.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    from loraqa.model import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture()
+def examples():
+    from loraqa.data import load_squad_file
+
+    return load_squad_file(SQUAD)
+
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"needs the shared data folder at {SHARED}")

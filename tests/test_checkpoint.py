@@ -1,0 +1,64 @@
+"""A run that crashes and resumes ends exactly where an uninterrupted run does."""
+
+import pytest
+import torch
+
+import loraqa.train as train_module
+from loraqa.checkpoint import list_checkpoints
+from loraqa.config import DEFAULT_TEMPLATE
+from loraqa.features import build_train_features
+from loraqa.lora import add_lora
+from loraqa.model import load_model
+from loraqa.train import train
+
+CPU = torch.device("cpu")
+
+
+def _fresh(tiny_model_dir):
+    torch.manual_seed(0)
+    return add_lora(load_model(str(tiny_model_dir)), lora_dropout=0.1)  # dropout: RNG state matters
+
+
+def _train(model, features, tokenizer, folder, **kw):
+    return train(model, features, features[:2], epochs=2, batch_size=2, lr=1e-2, weight_decay=0.0,
+                 warmup_ratio=0.2, max_grad_norm=1.0, seed=3, pad_id=tokenizer.pad_token_id, device=CPU,
+                 precision="fp32", eval_batch_size=4, progress=False, checkpoint_dir=folder, **kw)
+
+
+def test_crash_and_resume_equals_uninterrupted(tiny_model_dir, tokenizer, examples, tmp_path, monkeypatch):
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)  # 3 steps an epoch
+    reference = _fresh(tiny_model_dir)
+    expected = _train(reference, features, tokenizer, tmp_path / "a")
+
+    calls = {"n": 0}
+    real_collate = train_module.collate_train
+
+    def crashing_collate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # 3 train steps, 1 eval-loss batch, step 4 (saved): crash in step 5
+            raise RuntimeError("simulated crash")
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "collate_train", crashing_collate)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path / "b", save_steps=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000003", "step-00000004"]
+    monkeypatch.setattr(train_module, "collate_train", real_collate)
+
+    (tmp_path / "b" / ".step-00000005.tmp").mkdir()  # a save killed half-way is never loaded
+    resumed_model = _fresh(tiny_model_dir)
+    resumed = _train(resumed_model, features, tokenizer, tmp_path / "b", save_steps=2)
+
+    for a, b in zip(expected, resumed):
+        assert (a["epoch"], a["train_loss"], a["eval_loss"], a["lr"]) == (b["epoch"], b["train_loss"], b["eval_loss"], b["lr"])
+    ref = dict(reference.named_parameters())
+    for name, p in resumed_model.named_parameters():
+        assert torch.equal(p, ref[name]), name
+
+
+def test_keeps_only_the_newest_checkpoints(tiny_model_dir, tokenizer, examples, tmp_path):
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
+    _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path, save_steps=1, keep_checkpoints=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
+    assert {f.name for f in (tmp_path / "step-00000006").iterdir()} == {
+        "trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt", "state.json"}

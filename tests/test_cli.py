@@ -1,0 +1,78 @@
+"""End to end through the command line, on the tiny model and the fixture."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import SQUAD
+from loraqa.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["train", "--model", str(tiny_model_dir), "--train-file", str(SQUAD), "--eval-file", str(SQUAD),
+                 "--output-dir", str(out), "--epochs", "2", "--batch-size", "2", "--max-length", "128",
+                 "--max-new-tokens", "6", "--eval-batch-size", "4", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_every_file_of_the_run_folder(run):
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter", "config.yaml", "history.jsonl", "metrics.json", "predictions.json"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "loraqa.json"} <= {p.name for p in (run / "adapter").iterdir()}
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["epochs"] == 2 and config["max_length"] == 128
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all({"train_loss", "eval_loss"} <= set(h) for h in history)
+    predictions = json.loads((run / "predictions.json").read_text())
+    assert list(predictions) == ["q1", "q2", "q3", "q4", "q5", "q6"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("exact_match", "f1", "n_questions", "trainable_params", "total_params", "train_seconds", "eval_seconds"):
+        assert key in metrics
+    assert metrics["n_questions"] == 6 and metrics["trainable_params"] == 2 * 8 * (32 + 96)
+    assert metrics["train_windowed"] >= 1 and metrics["eval_windowed"] >= 1  # the long context at 128 tokens
+
+
+def test_evaluate_on_the_saved_adapter_reproduces_the_predictions(run, tiny_model_dir, tmp_path):
+    code = main(["evaluate", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"),
+                 "--eval-file", str(SQUAD), "--output-dir", str(tmp_path), "--batch-size", "4",
+                 "--max-new-tokens", "6", "--quiet"])
+    assert code == 0
+    assert json.loads((tmp_path / "predictions.json").read_text()) == json.loads((run / "predictions.json").read_text())
+    assert json.loads((tmp_path / "metrics.json").read_text())["max_length"] == 128  # taken from the adapter
+
+
+def test_score_is_the_official_script(tmp_path, capsys):
+    predictions = tmp_path / "p.json"
+    predictions.write_text(json.dumps({"q1": "the Denver Broncos!", "q2": "Levi's Stadium in Santa Clara",
+                                       "q3": "24–10", "q6": "forty two"}))  # q6: "fortytwo" after normalising
+    assert main(["score", str(SQUAD), str(predictions)]) == 0
+    out, err = capsys.readouterr()
+    f1_q2 = 2 * (1 * 5 / 6) / (1 + 5 / 6)  # best gold is the longer one: all 5 predicted tokens, 5 of its 6
+    assert json.loads(out) == pytest.approx({"exact_match": 100 * 2 / 6, "f1": 100 * (2 + f1_q2) / 6})
+    assert "2 unanswered" in err
+
+
+def test_params(tiny_model_dir, capsys):
+    assert main(["params", "--model", str(tiny_model_dir), "--init", "random"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_params"] == 2048
+
+
+@pytest.mark.parametrize("args, message", [
+    (["score", "missing.json", "p.json"], "missing.json: no such file"),
+    (["params", "--model", "./nowhere"], "--model ./nowhere: no such folder or file"),
+    (["params", "--model", "{model}", "--target-modules", "q_proj"], "match no module"),
+    (["train", "--model", "{model}", "--train-file", "nope.json", "--eval-file", "nope.json", "--output-dir", "{tmp}"],
+     "nope.json: no such file"),
+    (["train", "--model", "{model}", "--max-length", "4096", "--output-dir", "{tmp}"], "exceeds the model's window of 512"),
+    (["train", "--model", "{model}", "--r", "0"], "--r must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tiny_model_dir, tmp_path, capsys):
+    args = [a.format(model=tiny_model_dir, tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith(f"loraqa {args[0]}: error:")
