@@ -5,7 +5,7 @@ import torch
 
 import loraqa.train as train_module
 from loraqa.checkpoint import list_checkpoints
-from loraqa.config import DEFAULT_TEMPLATE
+from loraqa.config import DEFAULT_TEMPLATE, Config
 from loraqa.features import build_train_features
 from loraqa.lora import add_lora
 from loraqa.model import load_model
@@ -20,9 +20,9 @@ def _fresh(tiny_model_dir):
 
 
 def _train(model, features, tokenizer, folder, **kw):
-    return train(model, features, features[:2], epochs=2, batch_size=2, lr=1e-2, weight_decay=0.0,
-                 warmup_ratio=0.2, max_grad_norm=1.0, seed=3, pad_id=tokenizer.pad_token_id, device=CPU,
-                 precision="fp32", eval_batch_size=4, progress=False, checkpoint_dir=folder, **kw)
+    config = Config(epochs=2, batch_size=2, lr=1e-2, warmup_ratio=0.2, seed=3, eval_batch_size=4, **kw)
+    return train(model, features, features[:2], config, pad_id=tokenizer.pad_token_id, device=CPU,
+                 precision="fp32", progress=False, checkpoint_dir=folder)
 
 
 def test_crash_and_resume_equals_uninterrupted(tiny_model_dir, tokenizer, examples, tmp_path, monkeypatch):
@@ -61,4 +61,4 @@ def test_keeps_only_the_newest_checkpoints(tiny_model_dir, tokenizer, examples, 
     _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path, save_steps=1, keep_checkpoints=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
     assert {f.name for f in (tmp_path / "step-00000006").iterdir()} == {
-        "trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt", "state.json"}
+        "trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng-0.pt", "state.json"}

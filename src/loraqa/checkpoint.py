@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``checkpoints/step-00000123/`` holding
     trainable.safetensors   the trainable weights (LoRA adapters, or every weight for 'full')
-    optimizer.pt, scheduler.pt, scaler.pt, rng.pt
+    optimizer.pt, scheduler.pt, scaler.pt, rng-<rank>.pt (one per process)
     state.json              epoch, batch position in the epoch, step, partial sums, history
 It is written under a temporary name and renamed when complete, so a crash never leaves a
 half-written checkpoint that looks finished; only the newest ``keep`` are kept.
@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraqa.distributed import Processes
+
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -26,25 +28,33 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2,
+                    processes: Processes | None = None) -> Path:
+    """The main process writes the shared files, every process its RNG state; then one rename."""
+    processes = processes or Processes.single()
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({n: t.cpu() for n, t in trainable_state(model).items()}, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    if processes.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({n: t.cpu() for n, t in trainable_state(model).items()}, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    processes.barrier()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (Ctrl-C right after a save)
-    tmp.rename(final)
-    for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    torch.save(rng, tmp / f"rng-{processes.rank}.pt")
+    processes.barrier()
+    if processes.is_main:
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (Ctrl-C right after a save)
+        tmp.rename(final)
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    processes.barrier()
     return final
 
 
@@ -55,7 +65,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler, scaler and RNG from ``path``; returns its state."""
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
@@ -68,7 +78,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    rng_path = path / f"rng-{rank}.pt"
+    if not rng_path.is_file():
+        raise ValueError(f"checkpoint {path} was made by fewer processes (no {rng_path.name}); resume with as many")
+    rng = torch.load(rng_path, weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -30,6 +30,7 @@ class Config:
     init: str = _f("pretrained", "pretrained weights, or 'random' (seeded, built from the config)",
                    choices=["pretrained", "random"])
     tokenizer: str | None = _f(None, "tokenizer location when it differs from --model")
+    model_dropout: float | None = _f(None, "set the base model's own dropout rates (default: the model's config)")
     # --- data --------------------------------------------------------------------------------
     train_file: str | None = _f(None, "SQuAD v1.1 JSON for training (default: hub rajpurkar/squad train)")
     eval_file: str | None = _f(None, "SQuAD v1.1 JSON for evaluation (default: hub rajpurkar/squad validation)")
@@ -78,6 +79,8 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
+        if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
+            raise ValueError(f"--model-dropout must be in [0, 1), got {self.model_dropout}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -10,9 +10,9 @@ from loraqa.data import DataError, Example
 from loraqa.features import build_eval_features
 from loraqa.generate import predict
 from loraqa.lora import load_adapter
-from loraqa.pipeline import (ADAPTER_SETTINGS, load_base, log, pick_device, resolve_max_length,
-                             save_dir_atomic)
+from loraqa.distributed import Processes
 from loraqa.model import resolve_precision
+from loraqa.pipeline import ADAPTER_SETTINGS, load_base, log, resolve_max_length, save_dir_atomic
 
 
 def merge(config: Config, adapter: str, output_dir: str) -> Path:
@@ -58,9 +58,9 @@ def read_questions(path: str) -> list[Example]:
 
 def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False) -> dict[str, str]:
     """{id: answer} for each example, decoded in batches."""
-    device = pick_device()
+    device = Processes.single().device
     model, tokenizer, _ = load_base(config)
-    max_length = resolve_max_length(config, model)
+    max_length = resolve_max_length(config, model, tokenizer)
     if adapter:
         model = load_adapter(model, adapter)
     model.to(device)

@@ -61,8 +61,16 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def load_model(name: str, init: str = "pretrained", seed: int = 0):
-    """A float32 causal LM; ``init='random'`` builds it from its config with seeded weights."""
+# the config keys that hold a model's own dropout rates, across architectures
+DROPOUT_KEYS = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout",
+                "embedding_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def load_model(name: str, init: str = "pretrained", seed: int = 0, dropout: float | None = None):
+    """A float32 causal LM; ``init='random'`` builds it from its config with seeded weights.
+
+    ``dropout`` replaces every dropout rate in the model's config (None keeps them).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     location, kwargs = model_source(name)
@@ -70,6 +78,11 @@ def load_model(name: str, init: str = "pretrained", seed: int = 0):
         config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as e:  # no config.json, hub unreachable, unknown architecture
         raise ValueError(f"--model {name}: cannot load it: {_first_line(e)}") from None
+    if dropout is not None:
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, dropout)
+        kwargs["config"] = config
     if init == "random":
         if hasattr(config, "quantization_config"):
             del config.quantization_config

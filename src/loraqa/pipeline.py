@@ -18,12 +18,14 @@ import yaml
 
 from loraqa.config import Config, save_config
 from loraqa.data import load_examples
+from loraqa.distributed import Processes
 from loraqa.evaluate import evaluate
 from loraqa.features import build_train_features
 from loraqa.io import write_json_atomic, write_jsonl_atomic
 from loraqa.lora import load_adapter, parameter_counts, prepare_model
 from loraqa.model import (context_window, count_parameters, load_model, load_tokenizer,
                           resolve_precision)
+from loraqa.prompt import format_prompt
 from loraqa.train import train
 
 ADAPTER_SETTINGS = "loraqa.json"  # beside the adapter: how prompts were built for it
@@ -32,10 +34,6 @@ CHECKPOINTS = "checkpoints"
 
 def log(message: str) -> None:
     print(f"[loraqa] {message}", file=sys.stderr, flush=True)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -47,22 +45,26 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def resolve_max_length(config: Config, model) -> int:
-    """--max-length, capped by the model's window; the window when not given."""
+def resolve_max_length(config: Config, model, tokenizer) -> int:
+    """--max-length, capped by the model's window (the window when not given), and long enough
+    for the template alone plus a generated answer."""
     window = context_window(model)
-    if config.max_length is None:
-        if window is None:
-            raise ValueError(f"model {config.model} states no context window; pass --max-length")
-        return window
-    if window is not None and config.max_length > window:
+    if config.max_length is None and window is None:
+        raise ValueError(f"model {config.model} states no context window; pass --max-length")
+    if config.max_length is not None and window is not None and config.max_length > window:
         raise ValueError(f"--max-length {config.max_length} exceeds the model's window of {window} tokens")
-    return config.max_length
+    max_length = config.max_length or window
+    bare = len(tokenizer(format_prompt(config.template, "", ""))["input_ids"])  # no context, no question
+    if max_length < bare + 1 + config.max_new_tokens:
+        raise ValueError(f"--max-length {max_length} is too small: the template alone takes {bare} tokens and "
+                         f"answers up to --max-new-tokens {config.max_new_tokens}; raise it or lower --max-new-tokens")
+    return max_length
 
 
 def load_base(config: Config):
     """(model, tokenizer, base parameter count) for the settings' model and tokenizer."""
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    model = load_model(config.model, config.init, config.seed)
+    model = load_model(config.model, config.init, config.seed, config.model_dropout)
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     return model, tokenizer, count_parameters(model)[1]
@@ -105,19 +107,23 @@ def claim_output_dir(config: Config) -> Path:
 def run_train(config: Config, progress: bool = True) -> dict:
     """Train with ``config``, save the adapter (or model), evaluate, and write the run folder.
 
-    Rerun with the same settings and output dir, it resumes from the newest checkpoint.
+    Rerun with the same settings and output dir, it resumes from the newest checkpoint. Under
+    ``torchrun``/``accelerate launch`` every process trains on its share; the main one writes files.
     """
-    out = claim_output_dir(config)
-    device = pick_device()
+    processes = Processes.from_environment()
+    out = claim_output_dir(config) if processes.is_main else Path(config.output_dir)
+    processes.barrier()
+    device = processes.device
     precision = resolve_precision(config.precision, device)
     model, tokenizer, base_total = load_base(config)
-    max_length = resolve_max_length(config, model)
+    max_length = resolve_max_length(config, model, tokenizer)
     train_examples = load_examples(config.train_file, "train", config.max_train_examples)
     eval_examples = load_examples(config.eval_file, "validation", config.max_eval_examples)
     train_features, train_stats = build_train_features(tokenizer, train_examples, config.template, max_length)
     eval_loss_features, eval_loss_stats = build_train_features(tokenizer, eval_examples, config.template, max_length)
-    _report_features("train", train_stats)
-    _report_features("eval loss", eval_loss_stats)
+    if processes.is_main:
+        _report_features("train", train_stats)
+        _report_features("eval loss", eval_loss_stats)
     if not train_features:
         raise ValueError(f"no training example fits --max-length {max_length}")
 
@@ -125,42 +131,42 @@ def run_train(config: Config, progress: bool = True) -> dict:
     model = prepare_model(model, config.method, config.r, config.lora_alpha, config.lora_dropout,
                           config.target_modules).to(device)
     counts = parameter_counts(model, base_total)
-    log(f"{config.method}: {counts['trainable_params']:,} trainable of {base_total:,} parameters "
-        f"({counts['trainable_percent']:.4f}%); device {device}, precision {precision}, max length {max_length}")
+    processes.log(f"{config.method}: {counts['trainable_params']:,} trainable of {base_total:,} parameters "
+                  f"({counts['trainable_percent']:.4f}%); {processes.world} process(es) on {device}, "
+                  f"precision {precision}, max length {max_length}")
 
     def on_epoch_end(history: list[dict]) -> None:
         write_jsonl_atomic(out / "history.jsonl", history)
         row = history[-1]
         log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}")
 
-    history = train(
-        model, train_features, eval_loss_features, epochs=config.epochs, batch_size=config.batch_size,
-        lr=config.lr, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
-        max_grad_norm=config.max_grad_norm, seed=config.seed, pad_id=tokenizer.pad_token_id,
-        device=device, precision=precision, eval_batch_size=config.eval_batch_size,
-        on_epoch_end=on_epoch_end, progress=progress, checkpoint_dir=out / CHECKPOINTS,
-        save_steps=config.save_steps, keep_checkpoints=config.keep_checkpoints)
-    write_jsonl_atomic(out / "history.jsonl", history)
+    history = train(model, train_features, eval_loss_features, config, pad_id=tokenizer.pad_token_id,
+                    device=device, precision=precision, processes=processes, on_epoch_end=on_epoch_end,
+                    progress=progress, checkpoint_dir=out / CHECKPOINTS)
     train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
-    save_trained(model, tokenizer, config, max_length, out)
+    if processes.is_main:
+        write_jsonl_atomic(out / "history.jsonl", history)
+        save_trained(model, tokenizer, config, max_length, out)
 
     predictions, metrics = evaluate(
         model, tokenizer, eval_examples, template=config.template, max_length=max_length,
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
-        precision=precision, progress=progress)
+        precision=precision, progress=progress, processes=processes)
     metrics.update(counts)
+    train_tokens = sum(r["train_tokens"] for r in history)
     metrics.update({
         "method": config.method, "train_seconds": train_seconds, "train_questions": train_stats.examples,
         "train_windowed": train_stats.windowed, "train_dropped": train_stats.dropped,
-        "train_tokens": sum(r["train_tokens"] for r in history),
-        "train_tokens_per_second": sum(r["train_tokens"] for r in history) / sum(r["train_seconds"] for r in history),
-        "device": str(device), "precision": precision, "max_length": max_length,
+        "train_tokens": train_tokens, "train_tokens_per_second": train_tokens / max(train_seconds, 1e-9),
+        "processes": processes.world, "device": str(device), "precision": precision, "max_length": max_length,
         "peak_memory_mb": peak_memory_mb(device)})
-    write_json_atomic(out / "predictions.json", predictions)
-    write_json_atomic(out / "metrics.json", metrics)
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the run is complete: adapter/ or model/ holds it
-    log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} questions; "
-        f"run folder {out}")
+    if processes.is_main:
+        write_json_atomic(out / "predictions.json", predictions)
+        write_json_atomic(out / "metrics.json", metrics)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # complete: adapter/ or model/ holds the result
+        log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} "
+            f"questions; run folder {out}")
+    processes.barrier()
     return metrics
 
 
@@ -192,10 +198,10 @@ def adapter_settings(adapter: str | Path) -> dict:
 def run_evaluate(config: Config, adapter: str | None = None, progress: bool = True) -> dict:
     """Evaluate the base model, or the base model plus ``adapter``; writes predictions + metrics."""
     out = claim_output_dir(config)
-    device = pick_device()
+    device = Processes.single().device
     precision = resolve_precision(config.precision, device)
     model, tokenizer, base_total = load_base(config)
-    max_length = resolve_max_length(config, model)
+    max_length = resolve_max_length(config, model, tokenizer)
     if adapter:
         model = load_adapter(model, adapter)
     model.to(device)

@@ -1,10 +1,15 @@
-"""The training loop: answer-only loss, AdamW, warmup + linear decay, clipping, eval loss per epoch."""
+"""The training loop: answer-only loss, AdamW, warmup + linear decay, clipping, eval loss per epoch.
+
+One process or several (``torchrun`` / ``accelerate launch``): every process takes its share of each
+global batch, gradients are averaged by DDP (through Accelerate), and the loss is scaled by the
+*global* answer-token count, so N processes compute the same update as one process with the same
+global batch (to float rounding).
+"""
 
 from __future__ import annotations
 
 import math
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +21,8 @@ from tqdm.auto import tqdm
 
 from loraqa import IGNORE_INDEX
 from loraqa.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from loraqa.config import Config
+from loraqa.distributed import Processes
 from loraqa.features import Feature, collate_train, length_grouped_batches
 from loraqa.model import autocast
 
@@ -23,37 +30,59 @@ from loraqa.model import autocast
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over label positions, equal to ``model(**batch).loss``.
+def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over label positions (``model(**batch).loss`` x their count).
 
     Only positions whose next token is a label go through the LM head: the prompt's logits
     (most of each sequence, and a vocab-sized matmul per token) are never needed.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if any(getattr(lm.config, k, None) for k in _LOGIT_POSTPROCESSING):
-        return model(**batch).loss
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state  # (B, T, H)
     labels = batch["labels"][:, 1:]          # position t predicts token t + 1
     keep = labels != IGNORE_INDEX            # (B, T - 1)
+    if any(getattr(lm.config, k, None) for k in _LOGIT_POSTPROCESSING):
+        return model(**batch).loss * keep.sum()
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state  # (B, T, H)
     logits = lm.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), N = answer tokens
-    return F.cross_entropy(logits.float(), labels[keep])
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean answer-token cross-entropy, equal to ``model(**batch).loss``."""
+    return answer_loss_sum(model, batch) / (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+class AnswerLoss(torch.nn.Module):
+    """The loss as a module, so DDP sees a forward call and syncs gradients in backward."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, scale: float) -> torch.Tensor:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return answer_loss_sum(self.model, batch) * scale
+
+
+def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
-def evaluate_loss(model, features: list[Feature], batch_size: int, pad_id: int,
-                  device: torch.device, precision: str) -> float:
-    """Token-weighted mean answer loss over ``features`` (the eval file's first gold answers)."""
+def evaluate_loss(model, features: list[Feature], batch_size: int, pad_id: int, device: torch.device,
+                  precision: str, processes: Processes | None = None) -> float:
+    """Token-weighted mean answer loss over ``features``, each process taking a share."""
+    processes = processes or Processes.single()
     model.eval()
-    total, tokens = 0.0, 0
-    order = sorted(features, key=lambda f: len(f.input_ids))
+    order = sorted(features, key=lambda f: len(f.input_ids))[processes.rank::processes.world]
+    total = torch.zeros(2, dtype=torch.float64)  # (loss sum, answer tokens)
     for b in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in collate_train(order[b:b + batch_size], pad_id).items()}
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         with autocast(device, precision):
-            total += causal_lm_loss(model, batch).item() * n
-        tokens += n
-    return total / max(tokens, 1)
+            total[0] += answer_loss_sum(model, batch).item()
+        total[1] += _answer_tokens(batch)
+    total = processes.sum(total)
+    return float(total[0] / max(total[1], 1))
 
 
 class _StopRequest:
@@ -78,80 +107,94 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(model, train_features: list[Feature], eval_features: list[Feature], *, epochs: int,
-          batch_size: int, lr: float, weight_decay: float, warmup_ratio: float, max_grad_norm: float,
-          seed: int, pad_id: int, device: torch.device, precision: str, eval_batch_size: int,
+def train(model, train_features: list[Feature], eval_features: list[Feature], config: Config, *,
+          pad_id: int, device: torch.device, precision: str, processes: Processes | None = None,
           on_epoch_end: Callable[[list[dict]], None] = lambda history: None, progress: bool = True,
-          checkpoint_dir: Path | None = None, save_steps: int = 0, keep_checkpoints: int = 2) -> list[dict]:
-    """Train in place; returns the history (one row per epoch), also passed to ``on_epoch_end``.
+          checkpoint_dir: Path | None = None) -> list[dict]:
+    """Train in place with ``config``'s settings; returns the history (one row per epoch).
 
-    With ``checkpoint_dir``, a checkpoint is saved every ``save_steps`` optimizer steps (0: never
-    mid-epoch), at every epoch end, and on Ctrl-C; a later call with the same arguments resumes
-    from the newest one and ends with the same weights as an uninterrupted run.
+    With ``checkpoint_dir``, a checkpoint is saved every ``config.save_steps`` optimizer steps (0:
+    never mid-epoch), at every epoch end, and on Ctrl-C; a later call with the same arguments
+    resumes from the newest one and ends with the same weights as an uninterrupted run.
     """
     from transformers import get_linear_schedule_with_warmup
 
+    processes = processes or Processes.single()
+    if config.batch_size % processes.world:
+        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the {processes.world} processes")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train_features) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * total_steps), total_steps)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = config.epochs * math.ceil(len(train_features) / config.batch_size)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_module = processes.wrap(AnswerLoss(model))
     lengths = [len(f.input_ids) for f in train_features]
     # everything that a resumed run needs besides weights, optimizer, scheduler and RNG
     state = {"epoch": 1, "batch": 0, "step": 0, "loss_sum": 0.0, "loss_tokens": 0, "real_tokens": 0,
              "seconds": 0.0, "history": []}
     saved = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
     if saved:
-        state = load_checkpoint(saved[-1], model, optimizer, scheduler, scaler)
-        print(f"[loraqa] resuming from {saved[-1]} (epoch {state['epoch']}, step {state['step']})",
-              file=sys.stderr, flush=True)
+        state = load_checkpoint(saved[-1], model, optimizer, scheduler, scaler, processes.rank)
+        processes.log(f"resuming from {saved[-1]} (epoch {state['epoch']}, step {state['step']})")
 
     def save() -> None:
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, state["step"], model, optimizer, scheduler, scaler, state, keep_checkpoints)
+            save_checkpoint(checkpoint_dir, state["step"], model, optimizer, scheduler, scaler, state,
+                            config.keep_checkpoints, processes)
 
     with _StopRequest() as stop:
-        for epoch in range(state["epoch"], epochs + 1):
+        for epoch in range(state["epoch"], config.epochs + 1):
             model.train()
-            batches = length_grouped_batches(lengths, batch_size, seed=seed + epoch)
-            bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch}/{epochs}", unit="step",
-                       disable=not progress)
+            batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch)
+            bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch}/{config.epochs}",
+                       unit="step", disable=not (progress and processes.is_main))
             start = time.perf_counter() - state["seconds"]
             for indices in batches[state["batch"]:]:
-                batch = {k: v.to(device) for k, v in collate_train([train_features[i] for i in indices], pad_id).items()}
+                mine = indices[processes.rank::processes.world]  # this process's share of the global batch
+                batch = {k: v.to(device) for k, v in collate_train([train_features[i] for i in mine], pad_id).items()}
+                # one collective per step: global answer tokens, real tokens, and whether anyone got Ctrl-C
+                counts = processes.sum(torch.tensor([_answer_tokens(batch), int(batch["attention_mask"].sum()),
+                                                     int(stop.requested)], dtype=torch.float64))
+                n_global = int(counts[0])
                 with autocast(device, precision):
-                    loss = causal_lm_loss(model, batch)
+                    # DDP averages gradients over processes: scale by world / global tokens so the
+                    # update is the gradient of the global token-mean loss
+                    loss = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       scale=processes.world / max(n_global, 1))
                 scaler.scale(loss).backward()
-                if max_grad_norm > 0:
+                if config.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                state["loss_sum"] += loss.item() * n
-                state["loss_tokens"] += n
-                state["real_tokens"] += int(batch["attention_mask"].sum())
+                batch_loss = float(processes.sum(loss.detach().double())) / processes.world  # global token mean
+                state["loss_sum"] += batch_loss * n_global
+                state["loss_tokens"] += n_global
+                state["real_tokens"] += int(counts[1])
                 state["batch"] += 1
                 state["step"] += 1
                 state["seconds"] = time.perf_counter() - start
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{state['real_tokens'] / state['seconds']:.0f}")
-                if stop.requested or (save_steps and state["step"] % save_steps == 0):
+                bar.set_postfix(loss=f"{batch_loss:.3f}",
+                                tok_s=f"{state['real_tokens'] / max(state['seconds'], 1e-9):.0f}")
+                stop_now = counts[2] > 0
+                if stop_now or (config.save_steps and state["step"] % config.save_steps == 0):
                     save()
-                if stop.requested:
+                if stop_now:
                     bar.close()
                     raise KeyboardInterrupt
             bar.close()
             row = {"epoch": epoch, "train_loss": state["loss_sum"] / max(state["loss_tokens"], 1),
-                   "eval_loss": evaluate_loss(model, eval_features, eval_batch_size, pad_id, device, precision),
+                   "eval_loss": evaluate_loss(model, eval_features, config.eval_batch_size, pad_id, device,
+                                              precision, processes),
                    "train_seconds": state["seconds"], "train_tokens": state["real_tokens"],
                    "train_tokens_per_second": state["real_tokens"] / max(state["seconds"], 1e-9),
                    "lr": scheduler.get_last_lr()[0]}
             state["history"].append(row)
             state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_tokens=0, real_tokens=0, seconds=0.0)
             save()
-            on_epoch_end(state["history"])
+            if processes.is_main:
+                on_epoch_end(state["history"])
     return state["history"]

@@ -1,0 +1,71 @@
+"""This process's place among several training processes, through Accelerate.
+
+Launched plainly (``loraqa train``) there is one process and nothing here talks to anyone.
+Launched by ``torchrun --nproc_per_node N`` or ``accelerate launch``, Accelerate sets up the
+process group (gloo on CPUs, NCCL on GPUs), DDP averages gradients, and these helpers sum
+counters, gather predictions and keep file writing on the main process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+class Processes:
+    def __init__(self, accelerator=None) -> None:
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world = accelerator.num_processes if accelerator else 1
+        self.is_main = self.rank == 0
+
+    @classmethod
+    def single(cls) -> Processes:
+        return cls(None)
+
+    @classmethod
+    def from_environment(cls) -> Processes:
+        """Several processes when a launcher set WORLD_SIZE > 1, else one."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls.single()
+        from accelerate import Accelerator
+
+        return cls(Accelerator(cpu=not torch.cuda.is_available()))
+
+    @property
+    def device(self) -> torch.device:
+        if self.accelerator is not None:
+            return self.accelerator.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DDP-wrap a module that holds trainable weights (unchanged for one process)."""
+        if self.world == 1:
+            return module
+        return self.accelerator.prepare_model(module)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over processes (a CPU tensor in, a CPU tensor out)."""
+        if self.world == 1:
+            return tensor
+        from accelerate.utils import reduce
+
+        return reduce(tensor.to(self.device), reduction="sum").cpu()
+
+    def gather(self, items: list) -> list:
+        """Every process's list, concatenated in rank order."""
+        if self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(f"[loraqa] {message}", file=sys.stderr, flush=True)
