@@ -50,3 +50,14 @@ def test_the_write_up_preset_is_the_write_ups_recipe():
     c = load_config(Path(__file__).parents[1] / "configs" / "gpt2-squad.yaml")
     assert (c.model, c.r, c.lora_alpha, c.lora_dropout, c.batch_size, c.lr, c.epochs) == ("gpt2", 8, 16, 0.1, 4, 2e-4, 3)
     assert c.train_file is None and c.max_train_examples is None  # full SQuAD from the hub
+
+
+def test_numbers_written_as_text_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 2e-5\nepochs: '2'\n")  # YAML 1.1 reads 2e-5 (no dot) as a string
+    c = load_config(path)
+    assert c.lr == 2e-5 and isinstance(c.lr, float) and c.epochs == 2
+    with pytest.raises(ValueError, match="setting epochs must be int, got 'two'"):
+        load_config(None, {"epochs": "two"})
+    with pytest.raises(ValueError, match="setting epochs must be int, got 1.5"):
+        load_config(None, {"epochs": 1.5})

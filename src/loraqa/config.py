@@ -129,7 +129,21 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if unknown:
         where = f"config file {path}" if path else "settings"
         raise ValueError(f"unknown keys in {where}: {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
-    return Config(**values)
+    return Config(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Numbers given as text (YAML reads `2e-4` as a string) become the field's number type."""
+    kind = str(_FIELDS[name].type).split(" | ")[0]
+    number = {"int": int, "float": float}.get(kind)
+    if number is None or value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and not (number is int and isinstance(value, float)):
+        return number(value)
+    try:
+        return number(value) if isinstance(value, str) else number(str(value))
+    except ValueError:
+        raise ValueError(f"setting {name} must be {kind}, got {value!r}") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:
