@@ -140,7 +140,8 @@ def phase_eval_loraqa(args) -> dict:
     start = time.perf_counter()
     predictions, metrics = evaluate(model, tokenizer, examples, template=DEFAULT_TEMPLATE, max_length=args.max_length,
                                     max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-                                    device=torch.device("cpu"), precision=args.precision, progress=False)
+                                    device=torch.device("cpu"), precision=args.precision, progress=False,
+                                    batch_tokens=args.eval_batch_tokens)
     seconds = time.perf_counter() - start
     return {"questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
             "f1": metrics["f1"], "predictions": predictions, "peak_rss_mb": peak_rss_mb()}
@@ -190,6 +191,7 @@ def main() -> None:
     p.add_argument("--eval-examples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-tokens", type=int, default=16384)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--fixed-length", type=int, default=384, help="the standard recipe's padded length")
     p.add_argument("--max-length", type=int, default=1024, help="loraqa's token budget")

@@ -22,9 +22,9 @@ from loraqa.config import fields, load_config
 
 TRAIN_FLAGS = list(fields())
 EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "max_eval_examples", "template", "max_length",
-              "eval_batch_size", "max_new_tokens", "precision", "seed", "output_dir"]
-ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "eval_batch_size", "max_new_tokens",
-             "precision", "seed"]
+              "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "precision", "seed", "output_dir"]
+ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "eval_batch_size", "eval_batch_tokens",
+             "max_new_tokens", "precision", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
 ALIASES = {"evaluate": {"eval_batch_size": ["--batch-size"]}, "ask": {"eval_batch_size": ["--batch-size"]}}
 

@@ -59,7 +59,8 @@ class Config:
     save_steps: int = _f(0, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     # --- evaluation --------------------------------------------------------------------------
-    eval_batch_size: int = _f(16, "questions decoded together")
+    eval_batch_size: int = _f(32, "most questions decoded together")
+    eval_batch_tokens: int = _f(16384, "most cached tokens in a decoding batch (rows x (prompt + new tokens))")
     max_new_tokens: int = _f(32, "longest generated answer, in tokens")
     # --- output ------------------------------------------------------------------------------
     output_dir: str = _f("runs/latest", "run folder (config, history, predictions, metrics, adapter)")
@@ -69,7 +70,8 @@ class Config:
 
     def validate(self) -> None:
         """Raise ValueError naming the setting; called on every construction and override."""
-        for name in ("r", "epochs", "batch_size", "eval_batch_size", "max_new_tokens", "keep_checkpoints"):
+        for name in ("r", "epochs", "batch_size", "eval_batch_size", "eval_batch_tokens", "max_new_tokens",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("save_steps",):

@@ -16,7 +16,8 @@ from loraqa.metrics import squad_scores
 
 def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_length: int,
              max_new_tokens: int, batch_size: int, device: torch.device, precision: str,
-             progress: bool = True, processes: Processes | None = None) -> tuple[dict[str, str], dict]:
+             progress: bool = True, processes: Processes | None = None,
+             batch_tokens: int | None = None) -> tuple[dict[str, str], dict]:
     """(predictions, metrics) over *all* ``examples``; with several processes each decodes a share.
 
     A question whose prompt cannot fit the budget even without context gets the empty answer
@@ -26,7 +27,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
     processes = processes or Processes.single()
     start = time.perf_counter()
     mine = predict(model, tokenizer, features[processes.rank::processes.world], batch_size, max_new_tokens,
-                   device, precision, progress and processes.is_main)
+                   device, precision, progress and processes.is_main, batch_tokens)
     generated = dict(processes.gather(list(mine.items())))
     seconds = time.perf_counter() - start
     predictions = {ex.id: generated.get(ex.id, "") for ex in examples}  # file order

@@ -1,8 +1,10 @@
 """Batched greedy decoding with the KV cache, stopping at EOS or a newline.
 
-Prompts are left-padded (``features.collate_prompts``) so each row's next token is appended at
-the same column; position ids count only real tokens, so a padded row computes what it would
-alone. Each row stops at its first stop token; the batch stops when every row has.
+Questions about the same passage share their prompt's prefix: it is computed once and its keys
+and values are copied to each question's row (on SQuAD ~5 questions a passage, and the passage is
+most of the prompt, so most of the prefill). Prompts are left-padded so each row's next token is
+appended at the same column; position ids count only real tokens, so a padded row computes what
+it would alone. Each row stops at its first stop token; the batch stops when every row has.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from loraqa.features import Feature, collate_prompts
+from loraqa.features import Feature, collate_shared_prefix, shared_prefix_batches
 from loraqa.model import autocast
 from loraqa.prompt import cut_answer
 
@@ -35,14 +37,33 @@ def _cache_kwarg(lm) -> str:
 
 @torch.inference_mode()
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                    stop_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """(B, <= max_new_tokens) generated ids; a row ends with its first stop token, then pad_id."""
+                    stop_ids: torch.Tensor, pad_id: int,
+                    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, <= max_new_tokens) generated ids; a row ends with its first stop token, then pad_id.
+
+    ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)) is a left-padded prefix
+    that several rows share (a passage read once for all its questions): it is prefilled once
+    per group, its keys and values are copied to each of the group's rows, and ``input_ids`` then
+    hold each row's remainder. Without it ``input_ids`` are whole left-padded prompts.
+    """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache = {_cache_kwarg(lm): DynamicCache(config=lm.config)}  # filled in place by each call
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count 0, 1, ...
+    cache = DynamicCache(config=lm.config)  # filled in place by each call
+    kw = {_cache_kwarg(lm): cache, "use_cache": True}
+    rows = input_ids.size(0)
+    if prefix is None:
+        past_mask = attention_mask.new_zeros(rows, 0)
+    else:
+        prefix_ids, prefix_mask, row_prefix = prefix
+        model(input_ids=prefix_ids, attention_mask=prefix_mask,
+              position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1, **kw)
+        cache.reorder_cache(row_prefix)  # (G, ...) -> (B, ...): each row gets its group's prefix
+        past_mask = prefix_mask[row_prefix]
+    # real tokens count 0, 1, ... across prefix and remainder; pads are masked, whatever their position
+    position_ids = past_mask.sum(-1, keepdim=True) + (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    attention_mask = torch.cat([past_mask, attention_mask], dim=1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, logits_to_keep=1, **cache)
-    done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+                logits_to_keep=1, **kw)
+    done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     steps = []
     for step in range(max_new_tokens):
         next_ids = out.logits[:, -1].argmax(-1)  # (B,)
@@ -50,10 +71,9 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         done |= torch.isin(next_ids, stop_ids)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, **cache)
+        out = model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=position_ids, **kw)
     return torch.stack(steps, dim=1)
 
 
@@ -68,22 +88,26 @@ def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> l
 
 
 def predict(model, tokenizer, features: list[Feature], batch_size: int, max_new_tokens: int,
-            device: torch.device, precision: str = "fp32", progress: bool = True) -> dict[str, str]:
-    """{question id: answer} for every feature, decoding longest prompts first."""
+            device: torch.device, precision: str = "fp32", progress: bool = True,
+            batch_tokens: int | None = None) -> dict[str, str]:
+    """{question id: answer} for every feature; questions on the same passage share its prefill.
+
+    A batch holds at most ``batch_size`` questions and ``batch_tokens`` cached tokens (rows x
+    (prompt + max_new_tokens)), so batches of long prompts are smaller.
+    """
     model.eval()
     stop_list = stop_token_ids(tokenizer)
     stop_ids = torch.tensor(stop_list, device=device)
-    order = sorted(features, key=lambda f: f.n_prompt, reverse=True)
     predictions: dict[str, str] = {}
-    bar = tqdm(total=len(order), desc="generate", unit="q", disable=not progress)
-    for b in range(0, len(order), batch_size):
-        batch = order[b:b + batch_size]
-        inputs = {k: v.to(device) for k, v in collate_prompts(batch, tokenizer.pad_token_id).items()}
+    bar = tqdm(total=len(features), desc="generate", unit="q", disable=not progress)
+    for groups in shared_prefix_batches(features, batch_size, batch_tokens, max_new_tokens) if features else []:
+        t = {k: v.to(device) for k, v in collate_shared_prefix(groups, tokenizer.pad_token_id).items()}
         with autocast(device, precision):
-            generated = greedy_generate(model, inputs["input_ids"], inputs["attention_mask"],
-                                        max_new_tokens, stop_ids, tokenizer.pad_token_id)
-        for f, answer in zip(batch, decode_answers(tokenizer, generated.cpu(), stop_list)):
+            generated = greedy_generate(model, t["input_ids"], t["attention_mask"], max_new_tokens, stop_ids,
+                                        tokenizer.pad_token_id, prefix=(t["prefix_ids"], t["prefix_mask"], t["row_prefix"]))
+        rows = [f for g in groups for f in g]
+        for f, answer in zip(rows, decode_answers(tokenizer, generated.cpu(), stop_list)):
             predictions[f.id] = answer
-        bar.update(len(batch))
+        bar.update(len(rows))
     bar.close()
     return predictions

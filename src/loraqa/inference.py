@@ -68,5 +68,5 @@ def ask(config: Config, adapter: str | None, examples: list[Example], progress: 
     if stats.windowed or stats.dropped:
         log(f"{stats.windowed} contexts cut to fit {max_length} tokens; {stats.dropped} questions too long to answer")
     answers = predict(model, tokenizer, features, config.eval_batch_size, config.max_new_tokens, device,
-                      resolve_precision(config.precision, device), progress)
+                      resolve_precision(config.precision, device), progress, config.eval_batch_tokens)
     return {ex.id: answers.get(ex.id, "") for ex in examples}

@@ -151,7 +151,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
     predictions, metrics = evaluate(
         model, tokenizer, eval_examples, template=config.template, max_length=max_length,
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
-        precision=precision, progress=progress, processes=processes)
+        precision=precision, progress=progress, processes=processes, batch_tokens=config.eval_batch_tokens)
     metrics.update(counts)
     train_tokens = sum(r["train_tokens"] for r in history)
     metrics.update({
@@ -209,7 +209,7 @@ def run_evaluate(config: Config, adapter: str | None = None, progress: bool = Tr
     predictions, metrics = evaluate(
         model, tokenizer, examples, template=config.template, max_length=max_length,
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
-        precision=precision, progress=progress)
+        precision=precision, progress=progress, batch_tokens=config.eval_batch_tokens)
     metrics.update({"method": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                     "trainable_params": 0, "total_params": base_total, "trainable_percent": 0.0,
                     "device": str(device), "precision": precision, "max_length": max_length,
