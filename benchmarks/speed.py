@@ -89,7 +89,7 @@ def phase_train_loraqa(args) -> dict:
                              sum(len(f.input_ids) - f.n_prompt for f in features) / sum(len(f.input_ids) for f in features))
     model = add_lora(model, args.r, 2 * args.r, 0.1)
     config = Config(epochs=1, batch_size=args.batch_size, lr=2e-4, seed=args.seed)
-    history = train(model, features, [], config, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+    history, _ = train(model, features, [], config, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
                     precision=args.precision, progress=False)
     row = history[0]
     return {"real_tokens": row["train_tokens"], "seconds": row["train_seconds"],

@@ -36,7 +36,7 @@ def test_compare_end_to_end_and_reuse(tiny_model_dir, tmp_path, capsys):
     assert metrics["full"]["trainable_params"] == metrics["full"]["total_params"] == metrics["lora"]["total_params"]
     assert metrics["zero-shot"]["trainable_params"] == 0
     assert all(m["peak_memory_mb"] > 0 for m in metrics.values())
-    assert "| lora | lora | 2,048 |" in report and "| full | full |" in report
+    assert "| lora | lora | 0.0002 | 2,048 |" in report and "| full | full | 0.0002 |" in report
     capsys.readouterr()
     assert main(args) == 0  # everything is reused
     assert capsys.readouterr().err.count("reusing") == 3

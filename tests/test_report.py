@@ -10,7 +10,7 @@ from loraqa.report import load_run, markdown_table, summary_rows, write_report
 
 def _run(folder, method, em, f1, trainable, history):
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"method": method}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"method": method, "lr": 2e-4}))
     analysis = {"empty_prediction_share": 0.25, "not_in_context_share": 0.5,
                 "by_question_type": {"what": {"n": 3, "exact_match": em, "f1": f1}},
                 "by_answer_words": {"1": {"n": 3, "exact_match": em, "f1": f1}},
@@ -21,6 +21,9 @@ def _run(folder, method, em, f1, trainable, history):
                "train_seconds": 10.0 if history else None, "eval_seconds": 2.0, "analysis": analysis}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    steps = [{"step": 10 * (i + 1), "epoch": 1 + i // 2, "train_loss": 3.0 - 0.3 * i, "lr": 1e-4} for i in range(4)]
+    if history:
+        (folder / "steps.jsonl").write_text("".join(json.dumps(p) + "\n" for p in steps))
     return folder
 
 
@@ -32,11 +35,14 @@ def runs(tmp_path):
 
 
 def test_table_rows_come_from_the_files(runs):
-    rows = summary_rows([load_run(r) for r in runs])
+    loaded = [load_run(r) for r in runs]
+    assert [len(r["steps"]) for r in loaded] == [0, 4]
+    rows = summary_rows(loaded)
     assert [r["run"] for r in rows] == ["zero-shot", "lora"]
     assert rows[1]["final_eval_loss"] == 2.25 and rows[0]["final_eval_loss"] is None
     table = markdown_table(rows).splitlines()
-    assert table[2].startswith("| zero-shot | zero-shot | 0 | 0.00% | 512 | – | 2 |")
+    assert table[2].startswith("| zero-shot | zero-shot | – | 0 | 0.00% | 512 | – | 2 |")
+    assert table[3].startswith("| lora | lora | 0.0002 | 8 | 0.80% |")
     assert "| 1.500 / 2.250 | 40.00 | 55.50 | 3 |" in table[3]
 
 

@@ -23,12 +23,15 @@ def test_a_short_run_lowers_the_loss(tiny_model, tokenizer, examples):
     before = evaluate_loss(model, features, 8, tokenizer.pad_token_id, CPU, "fp32")
     rows = []
     config = Config(epochs=8, batch_size=2, lr=3e-2, warmup_ratio=0.0, seed=0, eval_batch_size=8)
-    history = train(model, features, features, config, pad_id=tokenizer.pad_token_id, device=CPU,
-                    precision="fp32", on_epoch_end=lambda h: rows.append(h[-1]), progress=False)
+    history, steps = train(model, features, features, config, pad_id=tokenizer.pad_token_id, device=CPU,
+                           precision="fp32", on_epoch_end=lambda h, s: rows.append(h[-1]), progress=False)
     assert history == rows and [r["epoch"] for r in rows] == list(range(1, 9))
     assert rows[-1]["eval_loss"] < 0.8 * before, (before, rows)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["lr"] == 0.0  # linear decay ends at zero
+    # 3 steps an epoch: a loss-curve point every 10 steps and at each epoch's end
+    assert [p["step"] for p in steps] == [3, 6, 9, 10, 12, 15, 18, 20, 21, 24]
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
 
 
 def test_only_lora_weights_change_in_training(tiny_model, tokenizer, examples):

@@ -2,6 +2,7 @@
 
 A run folder holds plain files that need no torch to read:
     config.yaml        resolved settings          history.jsonl   one row per epoch
+    steps.jsonl        the loss curve, a point every 10 optimizer steps
     predictions.json   {question id: answer}      metrics.json    scores, sizes, times, counts
     adapter/           PEFT adapter (LoRA)   or   model/          full model + tokenizer (full)
 """
@@ -135,17 +136,19 @@ def run_train(config: Config, progress: bool = True) -> dict:
                   f"({counts['trainable_percent']:.4f}%); {processes.world} process(es) on {device}, "
                   f"precision {precision}, max length {max_length}")
 
-    def on_epoch_end(history: list[dict]) -> None:
+    def on_epoch_end(history: list[dict], steps: list[dict]) -> None:
         write_jsonl_atomic(out / "history.jsonl", history)
+        write_jsonl_atomic(out / "steps.jsonl", steps)
         row = history[-1]
         log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}")
 
-    history = train(model, train_features, eval_loss_features, config, pad_id=tokenizer.pad_token_id,
+    history, steps = train(model, train_features, eval_loss_features, config, pad_id=tokenizer.pad_token_id,
                     device=device, precision=precision, processes=processes, on_epoch_end=on_epoch_end,
                     progress=progress, checkpoint_dir=out / CHECKPOINTS)
     train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
     if processes.is_main:
         write_jsonl_atomic(out / "history.jsonl", history)
+        write_jsonl_atomic(out / "steps.jsonl", steps)
         save_trained(model, tokenizer, config, max_length, out)
 
     predictions, metrics = evaluate(

@@ -1,6 +1,7 @@
 """Run folders -> ``report.md`` and PNG plots. Reads plain files only; no torch import.
 
-    loss.png   train (solid) and eval (dashed) loss per epoch, every run on one chart
+    loss.png   every run on one chart: train loss along the optimizer steps (solid; per epoch
+               for runs without steps.jsonl) and eval loss at each epoch's end (squares)
     bars.png   EM / F1, peak memory, and train + eval time, run by run
 """
 
@@ -27,6 +28,7 @@ def load_run(folder: str | Path) -> dict:
         "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else {},
         "metrics": json.loads(metrics_path.read_text()),
         "history": read_jsonl(folder / "history.jsonl"),
+        "steps": read_jsonl(folder / "steps.jsonl"),
     }
 
 
@@ -39,7 +41,7 @@ def summary_rows(runs: list[dict]) -> list[dict]:
     for run in runs:
         m = run["metrics"]
         rows.append({
-            "run": run["name"], "method": m.get("method", "?"),
+            "run": run["name"], "method": m.get("method", "?"), "lr": run["config"].get("lr"),
             "trainable_params": m.get("trainable_params", 0), "total_params": m.get("total_params"),
             "trainable_percent": m.get("trainable_percent", 0.0), "peak_memory_mb": m.get("peak_memory_mb"),
             "train_seconds": m.get("train_seconds"), "eval_seconds": m.get("eval_seconds"),
@@ -52,13 +54,14 @@ def summary_rows(runs: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| run | method | trainable params | share | peak memory (MB) | train time (s) | eval time (s) "
+    head = ("| run | method | lr | trainable params | share | peak memory (MB) | train time (s) | eval time (s) "
             "| train tokens/s | final train / eval loss | EM | F1 | questions |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         losses = f"{_fmt(r['final_train_loss'], '.3f')} / {_fmt(r['final_eval_loss'], '.3f')}"
         lines.append(
-            f"| {r['run']} | {r['method']} | {_fmt(r['trainable_params'])} | {r['trainable_percent']:.2f}% "
+            f"| {r['run']} | {r['method']} | {'–' if r['method'] == 'zero-shot' else _fmt(r['lr'], 'g')} "
+            f"| {_fmt(r['trainable_params'])} | {r['trainable_percent']:.2f}% "
             f"| {_fmt(r['peak_memory_mb'])} | {_fmt(r['train_seconds'])} | {_fmt(r['eval_seconds'])} "
             f"| {_fmt(r['train_tokens_per_second'])} | {losses} | {r['exact_match']:.2f} | {r['f1']:.2f} "
             f"| {r['n_questions']:,} |")
@@ -93,15 +96,22 @@ def plot(runs: list[dict], output_dir: Path) -> list[str]:
     if trained:
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, r in enumerate(trained):
-            epochs = [h["epoch"] for h in r["history"]]
             color = f"C{i}"
-            ax.plot(epochs, [h["train_loss"] for h in r["history"]], "-o", color=color, label=f"{r['name']} train")
-            ax.plot(epochs, [h["eval_loss"] for h in r["history"]], "--s", color=color, label=f"{r['name']} eval")
-        ax.set_xlabel("epoch")
+            if r["steps"]:
+                ends = {}  # epoch -> its last optimizer step
+                for p in r["steps"]:
+                    ends[p["epoch"]] = p["step"]
+                ax.plot([p["step"] for p in r["steps"]], [p["train_loss"] for p in r["steps"]], "-", color=color,
+                        label=f"{r['name']} train")
+                x_eval = [ends.get(h["epoch"], h["epoch"]) for h in r["history"]]
+            else:
+                x_eval = [h["epoch"] for h in r["history"]]
+                ax.plot(x_eval, [h["train_loss"] for h in r["history"]], "-o", color=color, label=f"{r['name']} train")
+            ax.plot(x_eval, [h["eval_loss"] for h in r["history"]], "--s", color=color, label=f"{r['name']} eval")
+        ax.set_xlabel("optimizer step" if any(r["steps"] for r in trained) else "epoch")
         ax.set_ylabel("answer loss (nats/token)")
-        ax.set_xticks(sorted({h["epoch"] for r in trained for h in r["history"]}))
         ax.legend(fontsize=8)
-        ax.set_title("Loss per epoch")
+        ax.set_title("Training and evaluation loss")
         fig.tight_layout()
         fig.savefig(output_dir / "loss.png", dpi=120)
         plt.close(fig)

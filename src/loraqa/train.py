@@ -26,6 +26,8 @@ from loraqa.distributed import Processes
 from loraqa.features import Feature, collate_train, length_grouped_batches
 from loraqa.model import autocast
 
+LOG_STEPS = 10  # optimizer steps per point of the loss curve (steps.jsonl)
+
 # Models whose logits are post-processed after the LM head; they take the plain (full-head) path.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -109,9 +111,11 @@ class _StopRequest:
 
 def train(model, train_features: list[Feature], eval_features: list[Feature], config: Config, *,
           pad_id: int, device: torch.device, precision: str, processes: Processes | None = None,
-          on_epoch_end: Callable[[list[dict]], None] = lambda history: None, progress: bool = True,
+          on_epoch_end: Callable[[list[dict], list[dict]], None] = lambda history, steps: None,
+          progress: bool = True,
           checkpoint_dir: Path | None = None) -> list[dict]:
-    """Train in place with ``config``'s settings; returns the history (one row per epoch).
+    """Train in place with ``config``'s settings; returns (history, steps): one row per epoch, and
+    the loss curve, one point per ``LOG_STEPS`` optimizer steps.
 
     With ``checkpoint_dir``, a checkpoint is saved every ``config.save_steps`` optimizer steps (0:
     never mid-epoch), at every epoch end, and on Ctrl-C; a later call with the same arguments
@@ -131,7 +135,7 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
     lengths = [len(f.input_ids) for f in train_features]
     # everything that a resumed run needs besides weights, optimizer, scheduler and RNG
     state = {"epoch": 1, "batch": 0, "step": 0, "loss_sum": 0.0, "loss_tokens": 0, "real_tokens": 0,
-             "seconds": 0.0, "history": []}
+             "seconds": 0.0, "history": [], "steps": [], "window": [0.0, 0]}
     saved = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
     if saved:
         state = load_checkpoint(saved[-1], model, optimizer, scheduler, scaler, processes.rank)
@@ -171,6 +175,12 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss = float(processes.sum(loss.detach().double())) / processes.world  # global token mean
                 state["loss_sum"] += batch_loss * n_global
+                state["window"] = [state["window"][0] + batch_loss * n_global, state["window"][1] + n_global]
+                if state["step"] % LOG_STEPS == LOG_STEPS - 1 or state["batch"] == len(batches) - 1:
+                    # the loss curve: token-weighted mean over the steps since the last point
+                    state["steps"].append({"step": state["step"] + 1, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                                           "train_loss": state["window"][0] / max(state["window"][1], 1)})
+                    state["window"] = [0.0, 0]
                 state["loss_tokens"] += n_global
                 state["real_tokens"] += int(counts[1])
                 state["batch"] += 1
@@ -196,5 +206,5 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
             state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_tokens=0, real_tokens=0, seconds=0.0)
             save()
             if processes.is_main:
-                on_epoch_end(state["history"])
-    return state["history"]
+                on_epoch_end(state["history"], state["steps"])
+    return state["history"], state["steps"]
