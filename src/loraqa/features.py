@@ -30,6 +30,15 @@ class FeatureStats:
     dropped: int = 0    # could not fit at all (answer or question too long for the budget)
     dropped_ids: list[str] = field(default_factory=list)
 
+    def count(self, example_id: str, encoded: tuple[list[int], bool] | None) -> list[int] | None:
+        """Record one ``encode_prompt`` result; returns the prompt ids, or None when dropped."""
+        if encoded is None:
+            self.dropped += 1
+            self.dropped_ids.append(example_id)
+            return None
+        self.windowed += encoded[1]
+        return encoded[0]
+
     def as_dict(self) -> dict[str, int]:
         return {"examples": self.examples, "windowed": self.windowed, "dropped": self.dropped}
 
@@ -82,15 +91,10 @@ def build_train_features(tokenizer, examples: list[Example], template: str,
     for ex in examples:
         target = target_ids(tokenizer, ex.answer)
         start = ex.answer_starts[0]
-        encoded = encode_prompt(tokenizer, ex, template, max_length - len(target),
-                                keep=(start, start + len(ex.answer)))
-        if encoded is None:
-            stats.dropped += 1
-            stats.dropped_ids.append(ex.id)
-            continue
-        prompt, windowed = encoded
-        stats.windowed += windowed
-        features.append(Feature(ex.id, prompt + target, len(prompt)))
+        prompt = stats.count(ex.id, encode_prompt(tokenizer, ex, template, max_length - len(target),
+                                                  keep=(start, start + len(ex.answer))))
+        if prompt is not None:
+            features.append(Feature(ex.id, prompt + target, len(prompt)))
     return features, stats
 
 
@@ -100,14 +104,9 @@ def build_eval_features(tokenizer, examples: list[Example], template: str, max_l
     stats = FeatureStats(examples=len(examples))
     features = []
     for ex in examples:
-        encoded = encode_prompt(tokenizer, ex, template, max_length - max_new_tokens)
-        if encoded is None:
-            stats.dropped += 1
-            stats.dropped_ids.append(ex.id)
-            continue
-        prompt, windowed = encoded
-        stats.windowed += windowed
-        features.append(Feature(ex.id, prompt, len(prompt)))
+        prompt = stats.count(ex.id, encode_prompt(tokenizer, ex, template, max_length - max_new_tokens))
+        if prompt is not None:
+            features.append(Feature(ex.id, prompt, len(prompt)))
     return features, stats
 
 
