@@ -25,6 +25,7 @@ EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "max_eval_examples", "t
               "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "precision", "seed", "output_dir"]
 ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "eval_batch_size", "eval_batch_tokens",
              "max_new_tokens", "precision", "seed"]
+MERGE_FLAGS = ["model", "init", "tokenizer", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
 ALIASES = {"evaluate": {"eval_batch_size": ["--batch-size"]}, "ask": {"eval_batch_size": ["--batch-size"]}}
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--output-dir", required=True, help="where report.md and the PNGs go")
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a plain model")
-    _add_config_flags(p, ["model", "init", "tokenizer", "seed"], "merge")
+    _add_config_flags(p, MERGE_FLAGS, "merge")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--output-dir", required=True, help="folder for the merged model")
     p = sub.add_parser("ask", help="answer questions with a model (+ adapter)")
@@ -151,8 +152,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from loraqa.inference import merge
 
-    merge(load_config(args.config, _settings(args, ["model", "init", "tokenizer", "seed"])), args.adapter,
-          args.output_dir)
+    merge(load_config(args.config, _settings(args, MERGE_FLAGS)), args.adapter, args.output_dir)
 
 
 def cmd_ask(args: argparse.Namespace) -> None:

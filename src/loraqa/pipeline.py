@@ -105,6 +105,11 @@ def claim_output_dir(config: Config) -> Path:
     return out
 
 
+def write_curves(out: Path, history: list[dict], steps: list[dict]) -> None:
+    write_jsonl_atomic(out / "history.jsonl", history)
+    write_jsonl_atomic(out / "steps.jsonl", steps)
+
+
 def run_train(config: Config, progress: bool = True) -> dict:
     """Train with ``config``, save the adapter (or model), evaluate, and write the run folder.
 
@@ -137,8 +142,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
                   f"precision {precision}, max length {max_length}")
 
     def on_epoch_end(history: list[dict], steps: list[dict]) -> None:
-        write_jsonl_atomic(out / "history.jsonl", history)
-        write_jsonl_atomic(out / "steps.jsonl", steps)
+        write_curves(out, history, steps)
         row = history[-1]
         log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}")
 
@@ -147,8 +151,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
                     progress=progress, checkpoint_dir=out / CHECKPOINTS)
     train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
     if processes.is_main:
-        write_jsonl_atomic(out / "history.jsonl", history)
-        write_jsonl_atomic(out / "steps.jsonl", steps)
+        write_curves(out, history, steps)  # again: a resumed, already finished run calls no on_epoch_end
         save_trained(model, tokenizer, config, max_length, out)
 
     predictions, metrics = evaluate(

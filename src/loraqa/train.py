@@ -51,7 +51,7 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean answer-token cross-entropy, equal to ``model(**batch).loss``."""
-    return answer_loss_sum(model, batch) / (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    return answer_loss_sum(model, batch) / _answer_tokens(batch)
 
 
 class AnswerLoss(torch.nn.Module):
