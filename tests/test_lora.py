@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from conftest import SHARED, needs_shared
+from loraqa.config import load_config
 from loraqa.lora import add_lora, default_target_modules, load_adapter, parameter_counts, prepare_model
 from loraqa.model import count_parameters, load_model
 
@@ -24,7 +25,7 @@ def test_exact_lora_count_and_only_lora_trains(tiny_model):
 
 def test_full_method_trains_every_weight(tiny_model):
     total = count_parameters(tiny_model)[1]
-    model = prepare_model(tiny_model, "full", 8, 16, 0.1, None)
+    model = prepare_model(tiny_model, load_config(None, {"method": "full"}))
     assert parameter_counts(model, total) == {"trainable_params": total, "total_params": total,
                                               "trainable_percent": 100.0}
 
@@ -62,3 +63,16 @@ def test_gpt2_small_count_is_the_write_ups():
     base_total = count_parameters(model)[1]
     counts = parameter_counts(add_lora(model), base_total)
     assert (counts["trainable_params"], counts["total_params"]) == (294_912, 124_439_808)
+
+
+def test_all_linear_targets_every_linear_layer_but_the_head(tiny_model):
+    model = add_lora(tiny_model, r=2, target_modules=["all-linear"])
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"c_attn", "c_proj", "c_fc"}  # attention in/out and both MLP layers
+    assert not hasattr(model.get_output_embeddings(), "lora_A")
+
+
+def test_rslora_scales_by_sqrt_rank(tiny_model):
+    model = add_lora(tiny_model, r=4, lora_alpha=8, use_rslora=True)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # plain LoRA: 8 / 4

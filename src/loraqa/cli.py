@@ -37,6 +37,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], command
         f = all_fields[name]
         kind = str(f.type)
         flags = [f"--{name.replace('_', '-')}"] + ALIASES.get(command, {}).get(name, [])
+        if kind == "bool":  # --use-rslora / --no-use-rslora
+            parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f.metadata["help"],
+                                action=argparse.BooleanOptionalAction)
+            continue
         parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f.metadata["help"],
                             type=int if kind.startswith("int") else float if kind.startswith("float") else str,
                             choices=f.metadata.get("choices"))
@@ -127,8 +131,7 @@ def cmd_params(args: argparse.Namespace) -> None:
     config = load_config(args.config, _settings(args, PARAMS_FLAGS))
     model = load_model(config.model, config.init, config.seed)
     base_total = count_parameters(model)[1]
-    model = prepare_model(model, config.method, config.r, config.lora_alpha, config.lora_dropout,
-                          config.target_modules)
+    model = prepare_model(model, config)
     counts = parameter_counts(model, base_total)
     print(json.dumps({"method": config.method, **counts}))
     print(f"{config.method}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from loraqa.config import Config
+from loraqa.config import Config, load_config
 from loraqa.io import write_text_atomic
 from loraqa.report import write_report
 
@@ -53,11 +53,11 @@ def plan_rows(base: Config, methods: list[str], extras: list[str]) -> dict[str, 
     return rows
 
 
-def _same_run(folder: Path, config: Config) -> bool:
-    """A finished run whose saved settings equal ``config``."""
+def same_run(folder: Path, config: Config) -> bool:
+    """A finished run whose saved settings equal ``config`` (settings added since take their defaults)."""
     if not (folder / "metrics.json").is_file() or not (folder / "config.yaml").is_file():
         return False
-    return yaml.safe_load((folder / "config.yaml").read_text()) == config.to_dict()
+    return load_config(None, yaml.safe_load((folder / "config.yaml").read_text())) == config
 
 
 def run_compare(base: Config, methods: list[str], extras: list[str], quiet: bool = False) -> Path:
@@ -65,7 +65,7 @@ def run_compare(base: Config, methods: list[str], extras: list[str], quiet: bool
     requests = Path(base.output_dir) / ".requests"
     for name, (command, config) in rows.items():
         folder = Path(config.output_dir)
-        if _same_run(folder, config):
+        if same_run(folder, config):
             print(f"[loraqa] compare: {name}: reusing {folder}", file=sys.stderr, flush=True)
             continue
         if (folder / "metrics.json").exists():

@@ -45,7 +45,8 @@ class Config:
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = lora_alpha / r)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input")
     target_modules: list[str] | None = _f(
-        None, "comma-separated module names (default: PEFT's per-architecture list, c_attn for GPT-2)")
+        None, "comma-separated module names, or all-linear (default: PEFT's per-architecture list, c_attn for GPT-2)")
+    use_rslora: bool = _f(False, "scale adapters by lora_alpha / sqrt(r) (rsLoRA) instead of lora_alpha / r")
     # --- training ----------------------------------------------------------------------------
     epochs: int = _f(3, "passes over the training set")
     batch_size: int = _f(4, "training examples per optimizer step (global, all processes)")
@@ -59,6 +60,8 @@ class Config:
     save_steps: int = _f(0, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
     # --- evaluation --------------------------------------------------------------------------
+    eval_loss_examples: int | None = _f(
+        None, "score the per-epoch eval loss on the first N evaluation questions (0 skips it; default: all)")
     eval_batch_size: int = _f(32, "most questions decoded together")
     eval_batch_tokens: int = _f(16384, "most cached tokens in a decoding batch (rows x (prompt + new tokens))")
     max_new_tokens: int = _f(32, "longest generated answer, in tokens")
@@ -74,8 +77,8 @@ class Config:
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_steps",):
-            if getattr(self, name) < 0:
+        for name in ("save_steps", "eval_loss_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("max_train_examples", "max_eval_examples", "max_length"):
             value = getattr(self, name)

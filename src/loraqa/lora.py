@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from loraqa.model import count_parameters
+
+ALL_LINEAR = "all-linear"
 
 
 def default_target_modules(model) -> list[str]:
@@ -28,18 +32,26 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 
 def add_lora(model, r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.1,
-             target_modules: list[str] | None = None):
-    """Freeze ``model`` and attach LoRA adapters to ``target_modules``; returns a PeftModel."""
+             target_modules: list[str] | None = None, use_rslora: bool = False):
+    """Freeze ``model`` and attach LoRA adapters to ``target_modules``; returns a PeftModel.
+
+    ``["all-linear"]`` targets every linear layer but the output head (PEFT's own shorthand).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
     targets = list(target_modules) if target_modules else default_target_modules(model)
-    matched = [m for n, m in model.named_modules() if _matches(n, targets)]
+    if targets == [ALL_LINEAR]:
+        matched = [m for n, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D)) and m is not model.get_output_embeddings()]
+        targets = ALL_LINEAR
+    else:
+        matched = [m for n, m in model.named_modules() if _matches(n, targets)]
     if not matched:
         raise ValueError(f"--target-modules {','.join(targets)} match no module of {model.config.model_type}; "
                          f"names there include: {', '.join(sorted(_leaf_names(model))[:20])}")
     config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, use_rslora=use_rslora,
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched),
         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -63,11 +75,12 @@ def load_adapter(model, adapter_dir: str | Path):
         raise ValueError(f"--adapter {adapter_dir} was made for another base model: {detail}") from None
 
 
-def prepare_model(model, method: str, r: int, lora_alpha: float, lora_dropout: float,
-                  target_modules: list[str] | None):
-    """Apply the training method: LoRA adapters, or every weight trainable ('full')."""
-    if method == "lora":
-        return add_lora(model, r, lora_alpha, lora_dropout, target_modules)
+def prepare_model(model, config):
+    """Apply ``config.method``: LoRA adapters (with the config's LoRA settings), or every weight
+    trainable ('full')."""
+    if config.method == "lora":
+        return add_lora(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
+                        config.use_rslora)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -126,7 +126,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
     train_examples = load_examples(config.train_file, "train", config.max_train_examples)
     eval_examples = load_examples(config.eval_file, "validation", config.max_eval_examples)
     train_features, train_stats = build_train_features(tokenizer, train_examples, config.template, max_length)
-    eval_loss_features, eval_loss_stats = build_train_features(tokenizer, eval_examples, config.template, max_length)
+    eval_loss_features, eval_loss_stats = build_train_features(
+        tokenizer, eval_examples[:config.eval_loss_examples], config.template, max_length)
     if processes.is_main:
         _report_features("train", train_stats)
         _report_features("eval loss", eval_loss_stats)
@@ -134,8 +135,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
         raise ValueError(f"no training example fits --max-length {max_length}")
 
     torch.manual_seed(config.seed)  # LoRA's A matrices and dropout
-    model = prepare_model(model, config.method, config.r, config.lora_alpha, config.lora_dropout,
-                          config.target_modules).to(device)
+    model = prepare_model(model, config).to(device)
     counts = parameter_counts(model, base_total)
     processes.log(f"{config.method}: {counts['trainable_params']:,} trainable of {base_total:,} parameters "
                   f"({counts['trainable_percent']:.4f}%); {processes.world} process(es) on {device}, "
@@ -144,7 +144,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
     def on_epoch_end(history: list[dict], steps: list[dict]) -> None:
         write_curves(out, history, steps)
         row = history[-1]
-        log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}")
+        eval_loss = "not scored" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
+        log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, eval loss {eval_loss}")
 
     history, steps = train(model, train_features, eval_loss_features, config, pad_id=tokenizer.pad_token_id,
                     device=device, precision=precision, processes=processes, on_epoch_end=on_epoch_end,

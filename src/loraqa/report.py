@@ -107,7 +107,9 @@ def plot(runs: list[dict], output_dir: Path) -> list[str]:
             else:
                 x_eval = [h["epoch"] for h in r["history"]]
                 ax.plot(x_eval, [h["train_loss"] for h in r["history"]], "-o", color=color, label=f"{r['name']} train")
-            ax.plot(x_eval, [h["eval_loss"] for h in r["history"]], "--s", color=color, label=f"{r['name']} eval")
+            scored = [(x, h["eval_loss"]) for x, h in zip(x_eval, r["history"]) if h["eval_loss"] is not None]
+            if scored:  # --eval-loss-examples 0 skips it
+                ax.plot(*zip(*scored), "--s", color=color, label=f"{r['name']} eval")
         ax.set_xlabel("optimizer step" if any(r["steps"] for r in trained) else "epoch")
         ax.set_ylabel("answer loss (nats/token)")
         ax.legend(fontsize=8)

@@ -198,7 +198,7 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
             bar.close()
             row = {"epoch": epoch, "train_loss": state["loss_sum"] / max(state["loss_tokens"], 1),
                    "eval_loss": evaluate_loss(model, eval_features, config.eval_batch_size, pad_id, device,
-                                              precision, processes),
+                                              precision, processes) if eval_features else None,
                    "train_seconds": state["seconds"], "train_tokens": state["real_tokens"],
                    "train_tokens_per_second": state["real_tokens"] / max(state["seconds"], 1e-9),
                    "lr": scheduler.get_last_lr()[0]}
