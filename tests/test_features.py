@@ -2,8 +2,7 @@ import pytest
 
 from loraqa import IGNORE_INDEX
 from loraqa.config import DEFAULT_TEMPLATE
-from loraqa.features import (Feature, build_eval_features, build_train_features, collate_shared_prefix,
-                             collate_train, length_grouped_batches, shared_prefix_batches, target_ids)
+from loraqa.features import Feature, build_eval_features, build_train_features, collate_train, target_ids
 
 
 def test_label_mask_keeps_answer_and_eos_even_though_pad_is_eos(tokenizer, examples):
@@ -52,38 +51,3 @@ def test_examples_that_cannot_fit_are_dropped_and_counted(tokenizer, examples):
     features, stats = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 12)
     assert stats.dropped == len(examples) - len(features) > 0
     assert set(stats.dropped_ids) == {e.id for e in examples} - {f.id for f in features}
-
-
-def test_prompts_sharing_a_passage_are_grouped_and_split_into_prefix_and_rest():
-    passage = list(range(100, 120))  # 20 shared tokens (>= MIN_SHARED_PREFIX)
-    a, b = Feature("a", passage + [1, 2], 22), Feature("b", passage + [3], 21)
-    c = Feature("c", [7, 8, 9], 3)
-    batches = shared_prefix_batches([c, a, b], batch_size=8)
-    assert [[[f.id for f in g] for g in batch] for batch in batches] == [[["a", "b"], ["c"]]]
-    t = collate_shared_prefix(batches[0], pad_id=0)
-    assert t["prefix_ids"].tolist() == [passage, [0] * 18 + [7, 8]]   # left-padded; c keeps 1 token back
-    assert t["prefix_mask"].tolist() == [[1] * 20, [0] * 18 + [1, 1]]
-    assert t["row_prefix"].tolist() == [0, 0, 1]
-    assert t["input_ids"].tolist() == [[1, 2], [0, 3], [0, 9]]          # remainders, left-padded
-    assert t["attention_mask"].tolist() == [[1, 1], [0, 1], [0, 1]]
-    assert [len(b) for b in shared_prefix_batches([c, a, b], batch_size=2)] == [1, 1]  # groups stay whole
-
-
-def test_decoding_batches_shrink_for_long_prompts():
-    short = [Feature(f"s{i}", [i], 1) for i in range(8)]
-    long = [Feature(f"l{i}", [50 + i] * 30, 30) for i in range(4)]
-    batches = shared_prefix_batches(short + long, batch_size=8, max_tokens=80, new_tokens=10)
-    sizes = [sum(len(g) for g in b) for b in batches]
-    assert sizes == [2, 2, 7, 1]  # 2 x (30 + 10) fits 80; 7 x (1 + 10) = 77 fits, 8 would not
-    assert sorted(f.id for b in batches for g in b for f in g) == sorted(f.id for f in short + long)
-
-
-@pytest.mark.parametrize("n, batch_size", [(10, 3), (100, 4), (7, 8)])
-def test_length_grouped_batches_cover_every_index_once(n, batch_size):
-    lengths = [(i * 37) % 23 for i in range(n)]
-    batches = length_grouped_batches(lengths, batch_size, seed=1, group_batches=2)
-    assert sorted(i for b in batches for i in b) == list(range(n))
-    assert all(len(b) <= batch_size for b in batches)
-    assert batches == length_grouped_batches(lengths, batch_size, seed=1, group_batches=2)
-    if n > 2 * batch_size:
-        assert batches != length_grouped_batches(lengths, batch_size, seed=2, group_batches=2)

@@ -6,7 +6,6 @@ counted in :class:`FeatureStats`; nothing is lost silently.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -131,96 +130,3 @@ def collate_train(features: list[Feature], pad_id: int) -> dict[str, torch.Tenso
         attention_mask[i, :n] = 1
         labels[i, f.n_prompt:n] = input_ids[i, f.n_prompt:n]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-MIN_SHARED_PREFIX = 16  # tokens; shorter common prefixes are not worth a separate prefill
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def shared_prefix_batches(features: list[Feature], batch_size: int,
-                          max_tokens: int | None = None, new_tokens: int = 0) -> list[list[list[Feature]]]:
-    """Batches of groups of prompts that share a prefix (in SQuAD: the passage, ~5 questions each).
-
-    Sorting the prompts' token ids puts prompts with a common prefix next to each other; a group
-    is a run of them sharing at least ``MIN_SHARED_PREFIX`` tokens (a lone prompt is a group of
-    one). Groups of similar prefix length are packed into batches of at most ``batch_size`` rows
-    and, when given, ``max_tokens`` key/value slots (rows x (widest prompt + ``new_tokens``)):
-    long prompts get smaller batches, short ones larger.
-    """
-    order = sorted(features, key=lambda f: f.input_ids[:f.n_prompt])
-    groups: list[list[Feature]] = []
-    for f in order:
-        group = groups[-1] if groups else None
-        if (group and len(group) < batch_size
-                and _common_prefix(group[0].input_ids[:group[0].n_prompt], f.input_ids[:f.n_prompt]) >= MIN_SHARED_PREFIX):
-            group.append(f)
-        else:
-            groups.append([f])
-    groups.sort(key=lambda g: g[0].n_prompt, reverse=True)
-    batches: list[list[list[Feature]]] = []
-    rows = width = 0
-    for group in groups:
-        g_width = max(f.n_prompt for f in group)
-        over = max_tokens is not None and (rows + len(group)) * (max(width, g_width) + new_tokens) > max_tokens
-        if not batches or rows + len(group) > batch_size or (over and rows):
-            batches.append([])
-            rows = width = 0
-        batches[-1].append(group)
-        rows += len(group)
-        width = max(width, g_width)
-    return batches
-
-
-def collate_shared_prefix(groups: list[list[Feature]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prefixes (one per group) and left-padded remainders (one per row).
-
-    Every remainder keeps at least one token, so each row's last prompt token is decoded with
-    its own question. ``row_prefix[i]`` is the group (prefix row) of row i.
-    """
-    prompts = [[f.input_ids[:f.n_prompt] for f in g] for g in groups]
-    shared = [min(min(len(p) for p in ps) - 1, _common_prefix(ps[0], ps[-1])) for ps in prompts]
-    p_width = max(shared)
-    rest = [p[n:] for ps, n in zip(prompts, shared) for p in ps]
-    r_width = max(len(r) for r in rest)
-    prefix_ids = torch.full((len(groups), max(p_width, 1)), pad_id, dtype=torch.long)
-    prefix_mask = torch.zeros_like(prefix_ids)
-    for g, (ps, n) in enumerate(zip(prompts, shared)):
-        if n:
-            prefix_ids[g, p_width - n:] = torch.tensor(ps[0][:n])
-            prefix_mask[g, p_width - n:] = 1
-    input_ids = torch.full((len(rest), r_width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, r in enumerate(rest):
-        input_ids[i, r_width - len(r):] = torch.tensor(r)
-        attention_mask[i, r_width - len(r):] = 1
-    row_prefix = torch.tensor([g for g, ps in enumerate(prompts) for _ in ps])
-    return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "row_prefix": row_prefix,
-            "input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
-                           group_batches: int = 64) -> list[list[int]]:
-    """Shuffled batches of similar length, so dynamic padding wastes little compute.
-
-    Indices are shuffled, cut into groups of ``group_batches`` batches, sorted by length inside
-    each group and split into batches; the batch order is shuffled again, so training stays
-    stochastic. ``seed`` fixes the order (pass seed + epoch for a new order each epoch).
-    """
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    group = batch_size * group_batches
-    batches = []
-    for g in range(0, len(order), group):
-        chunk = sorted(order[g:g + group], key=lambda i: lengths[i], reverse=True)
-        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches

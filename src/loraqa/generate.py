@@ -9,14 +9,13 @@ it would alone. Each row stops at its first stop token; the batch stops when eve
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from loraqa.features import Feature, collate_shared_prefix, shared_prefix_batches
-from loraqa.model import autocast
+from loraqa.batching import collate_shared_prefix, shared_prefix_batches
+from loraqa.features import Feature
+from loraqa.model import autocast, cache_kwarg
 from loraqa.prompt import cut_answer
 
 
@@ -28,11 +27,6 @@ def stop_token_ids(tokenizer) -> list[int]:
         cached = sorted({i for i, t in enumerate(texts) if "\n" in t} | {tokenizer.eos_token_id})
         tokenizer._loraqa_stop_ids = cached
     return cached
-
-
-def _cache_kwarg(lm) -> str:
-    # transformers renamed `past_key_values` to `cache` during 5.x; accept both
-    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -48,7 +42,7 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     cache = DynamicCache(config=lm.config)  # filled in place by each call
-    kw = {_cache_kwarg(lm): cache, "use_cache": True}
+    kw = {cache_kwarg(lm): cache, "use_cache": True}
     rows = input_ids.size(0)
     if prefix is None:
         past_mask = attention_mask.new_zeros(rows, 0)

@@ -137,3 +137,11 @@ def count_parameters(model) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+def cache_kwarg(module) -> str:
+    """The name of ``module.forward``'s KV-cache argument: transformers renamed
+    ``past_key_values`` to ``cache`` during 5.x; accept both."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"

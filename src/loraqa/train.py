@@ -18,13 +18,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from loraqa import IGNORE_INDEX
 from loraqa.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from loraqa.config import Config
 from loraqa.distributed import Processes
-from loraqa.features import Feature, collate_train, length_grouped_batches
-from loraqa.model import autocast
+from loraqa.batching import collate_context_train, context_batches, context_groups, length_grouped_batches
+from loraqa.features import Feature, collate_train
+from loraqa.model import autocast, cache_kwarg
 
 LOG_STEPS = 10  # optimizer steps per point of the loss curve (steps.jsonl)
 
@@ -36,17 +38,37 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over label positions (``model(**batch).loss`` x their count).
 
     Only positions whose next token is a label go through the LM head: the prompt's logits
-    (most of each sequence, and a vocab-sized matmul per token) are never needed.
+    (most of each sequence, and a vocab-sized matmul per token) are never needed. A batch from
+    :func:`loraqa.batching.collate_context_train` runs its shared prefixes first and each row's
+    remainder on top of their keys and values (gradients flow back through both).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     labels = batch["labels"][:, 1:]          # position t predicts token t + 1
     keep = labels != IGNORE_INDEX            # (B, T - 1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "prefix_ids" in batch:
+        inputs = _after_prefix(lm, batch)
     if any(getattr(lm.config, k, None) for k in _LOGIT_POSTPROCESSING):
-        return model(**batch).loss * keep.sum()
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state  # (B, T, H)
+        return model(**inputs, labels=batch["labels"]).loss * keep.sum()
+    hidden = lm.get_decoder()(**inputs, use_cache="prefix_ids" in batch).last_hidden_state  # (B, T, H)
     logits = lm.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), N = answer tokens
     return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+
+
+def _after_prefix(lm, batch: dict[str, torch.Tensor]) -> dict:
+    """Run the shared prefixes; the inputs that continue each row from its group's prefix."""
+    decoder = lm.get_decoder()
+    cache = DynamicCache(config=lm.config)
+    prefix_mask, row_prefix = batch["prefix_mask"], batch["row_prefix"]
+    decoder(input_ids=batch["prefix_ids"], attention_mask=prefix_mask,
+            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{cache_kwarg(decoder): cache})
+    cache.reorder_cache(row_prefix)  # (G, ...) -> (B, ...): index_select, differentiable
+    past_mask = prefix_mask[row_prefix]
+    mask = batch["attention_mask"]
+    # real tokens count 0, 1, ... across prefix and remainder (the remainder is right-padded)
+    position_ids = past_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": batch["input_ids"], "attention_mask": torch.cat([past_mask, mask], dim=1),
+            "position_ids": position_ids, cache_kwarg(decoder): cache}
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,9 +83,26 @@ class AnswerLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, scale: float) -> torch.Tensor:
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    def forward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         return answer_loss_sum(self.model, batch) * scale
+
+
+def _share(features: list[Feature], indices: list[int], processes: Processes, contiguous: bool) -> list[Feature]:
+    """This process's part of a global batch: contiguous keeps passages together, strided spreads
+    lengths evenly. A process left without examples (a short last batch) runs one with no labels,
+    so every process still takes part in the step; it adds nothing to the loss or the gradient."""
+    size = -(-len(indices) // processes.world)
+    mine = (indices[processes.rank * size:(processes.rank + 1) * size] if contiguous
+            else indices[processes.rank::processes.world])
+    if not mine:
+        f = features[indices[0]]
+        return [Feature(f.id, f.input_ids, n_prompt=len(f.input_ids))]
+    return [features[i] for i in mine]
+
+
+def _computed_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (not padding) tokens the model runs: shared prefixes count once."""
+    return int(batch["attention_mask"].sum()) + int(batch.get("prefix_mask", torch.zeros(0)).sum())
 
 
 def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -132,7 +171,12 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_module = processes.wrap(AnswerLoss(model))
-    lengths = [len(f.input_ids) for f in train_features]
+    if config.group_by_passage:  # a passage's questions share a batch and its prefill
+        groups = context_groups(train_features)
+        plan, collate = (lambda epoch: context_batches(groups, config.batch_size, config.seed + epoch)), collate_context_train
+    else:
+        lengths = [len(f.input_ids) for f in train_features]
+        plan, collate = (lambda epoch: length_grouped_batches(lengths, config.batch_size, config.seed + epoch)), collate_train
     # everything that a resumed run needs besides weights, optimizer, scheduler and RNG
     state = {"epoch": 1, "batch": 0, "step": 0, "loss_sum": 0.0, "loss_tokens": 0, "real_tokens": 0,
              "seconds": 0.0, "history": [], "steps": [], "window": [0.0, 0]}
@@ -149,22 +193,21 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
     with _StopRequest() as stop:
         for epoch in range(state["epoch"], config.epochs + 1):
             model.train()
-            batches = length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch)
+            batches = plan(epoch)
             bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch}/{config.epochs}",
                        unit="step", disable=not (progress and processes.is_main))
             start = time.perf_counter() - state["seconds"]
             for indices in batches[state["batch"]:]:
-                mine = indices[processes.rank::processes.world]  # this process's share of the global batch
-                batch = {k: v.to(device) for k, v in collate_train([train_features[i] for i in mine], pad_id).items()}
+                batch = {k: v.to(device) for k, v in collate(_share(train_features, indices, processes,
+                                                                    config.group_by_passage), pad_id).items()}
                 # one collective per step: global answer tokens, real tokens, and whether anyone got Ctrl-C
-                counts = processes.sum(torch.tensor([_answer_tokens(batch), int(batch["attention_mask"].sum()),
+                counts = processes.sum(torch.tensor([_answer_tokens(batch), _computed_tokens(batch),
                                                      int(stop.requested)], dtype=torch.float64))
                 n_global = int(counts[0])
                 with autocast(device, precision):
                     # DDP averages gradients over processes: scale by world / global tokens so the
                     # update is the gradient of the global token-mean loss
-                    loss = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                       scale=processes.world / max(n_global, 1))
+                    loss = loss_module(batch, scale=processes.world / max(n_global, 1))
                 scaler.scale(loss).backward()
                 if config.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
