@@ -43,6 +43,25 @@ RECIPES = {
     "writeup": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
     "recommended": "configs/recommended.yaml",
 }
+# The sweep (quick rows: --eval-examples 300). Passage batches throughout (--group-by-passage), after
+# checking on the write-up's recipe that they do not change quality; each family varies one thing.
+_ALL_LINEAR = {"target_modules": ["all-linear"], "r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+               "lr": 1e-3, "group_by_passage": True}
+SWEEP = {
+    "writeup-passages": {**RECIPES["writeup"], "group_by_passage": True},
+    "all-linear": _ALL_LINEAR,
+    "all-linear-lr5e-4": {**_ALL_LINEAR, "lr": 5e-4},
+    "all-linear-lr2e-3": {**_ALL_LINEAR, "lr": 2e-3},
+    "attention-lr1e-3": {**_ALL_LINEAR, "target_modules": LLAMA_ATTENTION},
+    "qv-lr1e-3": {**_ALL_LINEAR, "target_modules": ["q_proj", "v_proj"]},
+    "all-linear-r4": {**_ALL_LINEAR, "r": 4, "lora_alpha": 8},
+    "all-linear-r64": {**_ALL_LINEAR, "r": 64, "lora_alpha": 128},
+    "all-linear-r64-rslora": {**_ALL_LINEAR, "r": 64, "lora_alpha": 32, "use_rslora": True},
+    "all-linear-dropout0": {**_ALL_LINEAR, "lora_dropout": 0.0},
+    "all-linear-model-dropout0.1": {**_ALL_LINEAR, "model_dropout": 0.1},
+    "all-linear-plain-template": {**_ALL_LINEAR, "template": "{context}\n\nQ: {question}\nA:"},
+}
+RECIPES.update(SWEEP)
 
 
 def recipe_settings(name: str, extra: dict[str, dict]) -> dict:
