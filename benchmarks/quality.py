@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from loraqa.compare import parse_extra, same_run
+from loraqa.compare import parse_extra, run_in_subprocess, same_run
 from loraqa.config import load_config
-from loraqa.io import write_jsonl_atomic, write_text_atomic
+from loraqa.io import write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"max_train_examples": 1000, "epochs": 1, "batch_size": 4, "max_length": 768, "eval_loss_examples": 200}
@@ -122,18 +121,16 @@ def main() -> None:
     results_path = out / "results.jsonl"
     rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
     suffix = f"-dev{args.eval_examples}" if args.eval_examples else ""  # quick sweeps score fewer questions
-    for name in args.recipes.split(",") + [n for n in extra if n not in args.recipes.split(",")]:
+    names = args.recipes.split(",")
+    for name in names + [n for n in extra if n not in names]:
         settings = recipe_settings(name, extra)
         folder = out / f"{name}{suffix}"
         config = load_config(None, {**BASE, **settings, "model": args.model, "train_file": args.train_file,
                                     "eval_file": args.eval_file, "max_eval_examples": args.eval_examples,
                                     "output_dir": str(folder)})
         if not same_run(folder, config):
-            request = out / ".requests" / f"{folder.name}.yaml"
-            write_text_atomic(request, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
             print(f"[quality] {name}: loraqa train -> {folder}", file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-m", "loraqa.cli", "train", "--config", str(request)]
-            if subprocess.run(cmd + (["--quiet"] if args.quiet else [])).returncode != 0:
+            if not run_in_subprocess("train", config, out / ".requests" / f"{folder.name}.yaml", args.quiet):
                 raise SystemExit(f"recipe {name} failed (see above); rerun the same command to resume it")
         row = row_of(name, settings, folder)
         rows = [r for r in rows if r["run"] != row["run"]] + [row]

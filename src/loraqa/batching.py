@@ -32,28 +32,28 @@ def _prompt(f: Feature) -> list[int]:
     return f.input_ids[:f.n_prompt]
 
 
+def _runs(items: list, prompt) -> list[list]:
+    """Consecutive runs of ``items`` whose prompt shares at least ``MIN_SHARED_PREFIX`` tokens with
+    the run's first."""
+    groups: list[list] = []
+    for x in items:
+        if groups and _common_prefix(prompt(groups[-1][0]), prompt(x)) >= MIN_SHARED_PREFIX:
+            groups[-1].append(x)
+        else:
+            groups.append([x])
+    return groups
+
+
 def context_groups(features: list[Feature]) -> list[list[int]]:
     """Indices of ``features`` grouped by a shared prompt prefix of at least ``MIN_SHARED_PREFIX``
     tokens (in SQuAD: one passage each; a lone prompt is a group of one), in token-id order."""
     order = sorted(range(len(features)), key=lambda i: _prompt(features[i]))
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and _common_prefix(_prompt(features[groups[-1][0]]), _prompt(features[i])) >= MIN_SHARED_PREFIX:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
+    return _runs(order, lambda i: _prompt(features[i]))
 
 
 def split_groups(features: list[Feature]) -> list[list[Feature]]:
     """Consecutive runs of ``features`` that share a prefix with the run's first (a batch's groups)."""
-    groups: list[list[Feature]] = []
-    for f in features:
-        if groups and _common_prefix(_prompt(groups[-1][0]), _prompt(f)) >= MIN_SHARED_PREFIX:
-            groups[-1].append(f)
-        else:
-            groups.append([f])
-    return groups
+    return _runs(features, _prompt)
 
 
 def shared_prefix_batches(features: list[Feature], batch_size: int,

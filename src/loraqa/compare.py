@@ -60,6 +60,13 @@ def same_run(folder: Path, config: Config) -> bool:
     return load_config(None, yaml.safe_load((folder / "config.yaml").read_text())) == config
 
 
+def run_in_subprocess(command: str, config: Config, request: Path, quiet: bool) -> bool:
+    """``loraqa COMMAND`` with ``config`` (saved to ``request``) in a process of its own; True on success."""
+    write_text_atomic(request, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+    cmd = [sys.executable, "-m", "loraqa.cli", command, "--config", str(request)] + (["--quiet"] if quiet else [])
+    return subprocess.run(cmd).returncode == 0
+
+
 def run_compare(base: Config, methods: list[str], extras: list[str], quiet: bool = False) -> Path:
     rows = plan_rows(base, methods, extras)
     requests = Path(base.output_dir) / ".requests"
@@ -70,11 +77,8 @@ def run_compare(base: Config, methods: list[str], extras: list[str], quiet: bool
             continue
         if (folder / "metrics.json").exists():
             raise ValueError(f"{folder} holds a run with other settings; remove it or choose another --output-dir")
-        request = requests / f"{name}.yaml"
-        write_text_atomic(request, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
         print(f"[loraqa] compare: {name}: loraqa {command} -> {folder}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "loraqa.cli", command, "--config", str(request)] + (["--quiet"] if quiet else [])
-        if subprocess.run(cmd).returncode != 0:
+        if not run_in_subprocess(command, config, requests / f"{name}.yaml", quiet):
             raise ValueError(f"compare row {name} failed (see its output above); finished rows are kept")
     return write_report([rows[name][1].output_dir for name in rows], base.output_dir)
 

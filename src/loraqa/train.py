@@ -58,17 +58,17 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def _after_prefix(lm, batch: dict[str, torch.Tensor]) -> dict:
     """Run the shared prefixes; the inputs that continue each row from its group's prefix."""
     decoder = lm.get_decoder()
-    cache = DynamicCache(config=lm.config)
+    cache = {cache_kwarg(decoder): DynamicCache(config=lm.config)}
     prefix_mask, row_prefix = batch["prefix_mask"], batch["row_prefix"]
     decoder(input_ids=batch["prefix_ids"], attention_mask=prefix_mask,
-            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{cache_kwarg(decoder): cache})
-    cache.reorder_cache(row_prefix)  # (G, ...) -> (B, ...): index_select, differentiable
+            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **cache)
+    next(iter(cache.values())).reorder_cache(row_prefix)  # (G, ...) -> (B, ...): index_select, differentiable
     past_mask = prefix_mask[row_prefix]
     mask = batch["attention_mask"]
     # real tokens count 0, 1, ... across prefix and remainder (the remainder is right-padded)
     position_ids = past_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": batch["input_ids"], "attention_mask": torch.cat([past_mask, mask], dim=1),
-            "position_ids": position_ids, cache_kwarg(decoder): cache}
+            "position_ids": position_ids, **cache}
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -152,7 +152,7 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
           pad_id: int, device: torch.device, precision: str, processes: Processes | None = None,
           on_epoch_end: Callable[[list[dict], list[dict]], None] = lambda history, steps: None,
           progress: bool = True,
-          checkpoint_dir: Path | None = None) -> list[dict]:
+          checkpoint_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
     """Train in place with ``config``'s settings; returns (history, steps): one row per epoch, and
     the loss curve, one point per ``LOG_STEPS`` optimizer steps.
 
