@@ -55,14 +55,16 @@ SWEEP = {
     "all-linear-lr5e-4": {**_ALL_LINEAR, "lr": 5e-4},
     "all-linear-lr2e-3": {**_ALL_LINEAR, "lr": 2e-3},
     "all-linear-lr2e-4": {**_ALL_LINEAR, "lr": 2e-4},
-    "attention-lr1e-3": {**_ALL_LINEAR, "target_modules": LLAMA_ATTENTION},
-    "qv-lr1e-3": {**_ALL_LINEAR, "target_modules": ["q_proj", "v_proj"]},
-    "all-linear-r4": {**_ALL_LINEAR, "r": 4, "lora_alpha": 8},
-    "all-linear-r64": {**_ALL_LINEAR, "r": 64, "lora_alpha": 128},
-    "all-linear-r64-rslora": {**_ALL_LINEAR, "r": 64, "lora_alpha": 32, "use_rslora": True},
-    "all-linear-dropout0": {**_ALL_LINEAR, "lora_dropout": 0.0},
-    "all-linear-model-dropout0.1": {**_ALL_LINEAR, "model_dropout": 0.1},
-    "all-linear-plain-template": {**_ALL_LINEAR, "template": "{context}\n\nQ: {question}\nA:"},
+    # each varies one thing from the shipped preset (all-linear-lr5e-4 above is the preset's own recipe)
+    "recommended-attention": {"preset": "recommended", "target_modules": LLAMA_ATTENTION},
+    "recommended-r4": {"preset": "recommended", "r": 4, "lora_alpha": 8},
+    "recommended-r64": {"preset": "recommended", "r": 64, "lora_alpha": 128},
+    "recommended-r64-rslora": {"preset": "recommended", "r": 64, "lora_alpha": 32, "use_rslora": True},
+    "recommended-dropout0": {"preset": "recommended", "lora_dropout": 0.0},
+    "recommended-model-dropout0.1": {"preset": "recommended", "model_dropout": 0.1},
+    "recommended-plain-template": {"preset": "recommended", "template": "{context}\n\nQ: {question}\nA:"},
+    # epochs against examples at about the same wall time: half the questions, twice
+    "recommended-500x2": {"preset": "recommended", "max_train_examples": 500, "epochs": 2},
 }
 RECIPES.update(SWEEP)
 
