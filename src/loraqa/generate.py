@@ -5,18 +5,24 @@ and values are copied to each question's row (on SQuAD ~5 questions a passage, a
 most of the prompt, so most of the prefill). Prompts are left-padded so each row's next token is
 appended at the same column; position ids count only real tokens, so a padded row computes what
 it would alone. Each row stops at its first stop token; the batch stops when every row has.
+The cache grows in chunks of ``CACHE_CHUNK`` slots (a ``StaticCache`` written in place): a cache
+that grows by one token copies every key and value at every step, which on a CPU took more time
+than the model itself; one allocated for ``max_new_tokens`` up front wastes work when answers stop
+after a few tokens, as they mostly do.
 """
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import StaticCache
 
 from loraqa.batching import collate_shared_prefix, shared_prefix_batches
 from loraqa.features import Feature
 from loraqa.model import autocast, cache_kwarg
 from loraqa.prompt import cut_answer
+
+CACHE_CHUNK = 8  # new-token slots added to the cache at a time
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -41,22 +47,27 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hold each row's remainder. Without it ``input_ids`` are whole left-padded prompts.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache = DynamicCache(config=lm.config)  # filled in place by each call
+    rows, width = input_ids.shape
+    past = 0 if prefix is None else prefix[0].size(1)
+    # one slot per column, filled left to right; the mask marks the filled real ones
+    cache = StaticCache(config=lm.config, max_cache_len=past + width + CACHE_CHUNK)
     kw = {cache_kwarg(lm): cache, "use_cache": True}
-    rows = input_ids.size(0)
+    mask = attention_mask.new_zeros(rows, past + width + CACHE_CHUNK)
     if prefix is None:
         past_mask = attention_mask.new_zeros(rows, 0)
     else:
         prefix_ids, prefix_mask, row_prefix = prefix
-        model(input_ids=prefix_ids, attention_mask=prefix_mask,
+        prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), mask.size(1))
+        prefix_full[:, :past] = prefix_mask
+        model(input_ids=prefix_ids, attention_mask=prefix_full,
               position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1, **kw)
         cache.reorder_cache(row_prefix)  # (G, ...) -> (B, ...): each row gets its group's prefix
         past_mask = prefix_mask[row_prefix]
     # real tokens count 0, 1, ... across prefix and remainder; pads are masked, whatever their position
     position_ids = past_mask.sum(-1, keepdim=True) + (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    attention_mask = torch.cat([past_mask, attention_mask], dim=1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=1, **kw)
+    mask[:, :past] = past_mask
+    mask[:, past:past + width] = attention_mask
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, **kw)
     done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     steps = []
     for step in range(max_new_tokens):
@@ -65,10 +76,21 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         done |= torch.isin(next_ids, stop_ids)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
+        if past + width + step == mask.size(1):  # the cache is full: CACHE_CHUNK more slots
+            _grow(cache, CACHE_CHUNK)
+            mask = torch.cat([mask, mask.new_zeros(rows, CACHE_CHUNK)], dim=1)
+        mask[:, past + width + step] = 1
         position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=position_ids, **kw)
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position_ids, **kw)
     return torch.stack(steps, dim=1)
+
+
+def _grow(cache: StaticCache, slots: int) -> None:
+    """Append ``slots`` empty slots to every layer of a filled ``StaticCache``."""
+    for layer in cache.layers:
+        layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, 0, slots))
+        layer.values = torch.nn.functional.pad(layer.values, (0, 0, 0, slots))
+        layer.max_cache_len += slots
 
 
 def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> list[str]:
