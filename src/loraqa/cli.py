@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from loraqa.config import fields, load_config
+from loraqa.runtime import keep_freed_memory
 
 TRAIN_FLAGS = list(fields())
 EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "max_eval_examples", "template", "max_length",
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     # PEFT calls a transformers property that transformers deprecated; the warning is not the user's
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         COMMANDS[args.command](args)
     except ValueError as e:  # bad settings or data: one line, no traceback

@@ -1,0 +1,35 @@
+"""Process settings that make PyTorch on a CPU faster, applied once by the entry points.
+
+glibc serves each block of 128 KiB or more with its own ``mmap`` and hands it back to the OS on
+``free``; the next tensor of that size is mapped again and the kernel zero-fills every 4 KiB page
+on first touch. Batched prefill and training allocate and free such activations at every layer;
+on the 2-core CPU this project measures on, keeping freed memory made evaluation on GPT-2 shapes
+~12% faster. Raising the mmap threshold to its documented ceiling (32 MiB on 64-bit glibc) and
+never trimming the heap keeps freed memory in the process for the next tensor; peak RSS is
+unchanged, RSS just does not fall back after a peak.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse; True when it accepted (Linux glibc only)."""
+    global _applied
+    if _applied or not sys.platform.startswith("linux"):
+        return _applied
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return _applied
