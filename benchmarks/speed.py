@@ -3,7 +3,8 @@
 The standard recipe is what a user writes with the ecosystem's parts: ``transformers.Trainer`` +
 PEFT LoRA (same r, alpha, dropout, targets), every example padded to a fixed length, fp32, the full
 LM head, and ``model.generate`` one question at a time (with the same stop tokens and
-``max_new_tokens``). Each phase runs in its own subprocess so peak RSS is its own.
+``max_new_tokens``). Each phase runs in its own subprocess so peak memory is its own (host RSS on a CPU, allocated
+GPU memory with ``--device cuda``).
 
     python benchmarks/speed.py --model ../shared/data/gpt2 --init random \
         --train-file ../shared/data/squad/proxy-train-v1.1.json \
@@ -27,8 +28,18 @@ import time
 PHASES = ["matmul", "train-loraqa", "train-standard", "eval-loraqa", "eval-standard"]
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb(args) -> float:
+    """Peak host RSS on a CPU; peak allocated device memory on a GPU."""
+    if args.device == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def _sync(args) -> None:
+    if args.device != "cpu":
+        import torch
+        torch.cuda.synchronize()
 
 
 def phase_matmul(args) -> dict:
@@ -36,14 +47,19 @@ def phase_matmul(args) -> dict:
     import torch
 
     out = {}
+    sizes = (512, 2048) if args.device == "cpu" else (2048, 8192)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        for n in (512, 2048):
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for n in sizes:
+            a, b = (torch.randn(n, n, dtype=dtype, device=args.device) for _ in range(2))
             a @ b
+            _sync(args)
             reps, start = 0, time.perf_counter()
             while time.perf_counter() - start < 2.0:
                 a @ b
                 reps += 1
+                if reps % 10 == 0:
+                    _sync(args)
+            _sync(args)
             gflops = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
             out[f"{name}_gflops"] = max(out.get(f"{name}_gflops", 0.0), gflops)
             if gflops < 50:  # emulated: a 2048 product would take minutes and show nothing new
@@ -59,7 +75,7 @@ def _setup(args):
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, args.init, args.seed)
+    model = load_model(args.model, args.init, args.seed).to(args.device)
     train = load_examples(args.train_file, "train", args.train_examples)
     evals = load_examples(args.eval_file, "validation", args.eval_examples)
     return model, tokenizer, train, evals
@@ -89,12 +105,12 @@ def phase_train_loraqa(args) -> dict:
                              sum(len(f.input_ids) - f.n_prompt for f in features) / sum(len(f.input_ids) for f in features))
     model = add_lora(model, args.r, 2 * args.r, 0.1)
     config = Config(epochs=1, batch_size=args.batch_size, lr=2e-4, seed=args.seed)
-    history, _ = train(model, features, [], config, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+    history, _ = train(model, features, [], config, pad_id=tokenizer.pad_token_id, device=torch.device(args.device),
                     precision=args.precision, progress=False)
     row = history[0]
     return {"real_tokens": row["train_tokens"], "seconds": row["train_seconds"],
             "tokens_per_second": row["train_tokens_per_second"], "flops_per_token": flops,
-            "dropped": stats.dropped, "peak_rss_mb": peak_rss_mb()}
+            "dropped": stats.dropped, "peak_mb": peak_mb(args)}
 
 
 def phase_train_standard(args) -> dict:
@@ -120,14 +136,15 @@ def phase_train_standard(args) -> dict:
                                              target_modules=targets, task_type="CAUSAL_LM"))
     training_args = TrainingArguments(output_dir="/tmp/loraqa-bench-trainer", per_device_train_batch_size=args.batch_size,
                                       num_train_epochs=1, learning_rate=2e-4, report_to="none", save_strategy="no",
-                                      logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=args.seed)
+                                      logging_strategy="no", disable_tqdm=True, use_cpu=args.device == "cpu", seed=args.seed)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
     start = time.perf_counter()
     trainer.train()
+    _sync(args)
     seconds = time.perf_counter() - start
     real = sum(sum(r["attention_mask"]) for r in rows)
     return {"real_tokens": real, "padded_tokens": len(rows) * args.fixed_length, "seconds": seconds,
-            "tokens_per_second": real / seconds, "peak_rss_mb": peak_rss_mb()}
+            "tokens_per_second": real / seconds, "peak_mb": peak_mb(args)}
 
 
 def phase_eval_loraqa(args) -> dict:
@@ -143,11 +160,11 @@ def phase_eval_loraqa(args) -> dict:
     start = time.perf_counter()
     predictions, metrics = evaluate(model, tokenizer, examples, template=DEFAULT_TEMPLATE, max_length=args.max_length,
                                     max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-                                    device=torch.device("cpu"), precision=args.precision, progress=False,
+                                    device=torch.device(args.device), precision=args.precision, progress=False,
                                     batch_tokens=args.eval_batch_tokens)
     seconds = time.perf_counter() - start
     return {"questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
-            "f1": metrics["f1"], "predictions": predictions, "peak_rss_mb": peak_rss_mb()}
+            "f1": metrics["f1"], "predictions": predictions, "peak_mb": peak_mb(args)}
 
 
 def phase_eval_standard(args) -> dict:
@@ -165,7 +182,7 @@ def phase_eval_standard(args) -> dict:
     start = time.perf_counter()
     with torch.inference_mode():
         for ex in examples:
-            enc = tokenizer(prompt_of(ex, DEFAULT_TEMPLATE), return_tensors="pt")
+            enc = tokenizer(prompt_of(ex, DEFAULT_TEMPLATE), return_tensors="pt").to(args.device)
             out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
                                  eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
             text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -173,7 +190,7 @@ def phase_eval_standard(args) -> dict:
     seconds = time.perf_counter() - start
     f1 = squad_scores({ex.id: ex.answers for ex in examples}, predictions)["f1"]
     return {"questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
-            "f1": f1, "predictions": predictions, "peak_rss_mb": peak_rss_mb()}
+            "f1": f1, "predictions": predictions, "peak_mb": peak_mb(args)}
 
 
 def run_phase(name: str, argv: list[str]) -> dict:
@@ -200,6 +217,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=1024, help="loraqa's token budget")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--phase", help=argparse.SUPPRESS)
@@ -209,7 +227,7 @@ def main() -> None:
             import torch
 
             from loraqa.model import resolve_precision
-            args.precision = resolve_precision("auto", torch.device("cpu"))
+            args.precision = resolve_precision("auto", torch.device(args.device))
         if args.phase.endswith("-loraqa"):  # what the `loraqa` command does at start
             from loraqa.runtime import keep_freed_memory
             keep_freed_memory()
@@ -227,15 +245,20 @@ def report(r: dict, args) -> None:
     import os
     import platform
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model} "
+    where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.device != "cpu":
+        import torch
+        where = f"{torch.cuda.get_device_name()} ({where})"
+    memory = "peak RSS MB" if args.device == "cpu" else "peak GPU MB"
+    print(f"\nmachine: {where}; model {args.model} "
           f"({args.init}); batch {args.batch_size}; {args.train_examples} train / {args.eval_examples} eval questions")
     if "matmul" in r:
-        print(f"matmul peak (2048^2): fp32 {r['matmul']['fp32_gflops']:.0f} GFLOP/s, bf16 {r['matmul']['bf16_gflops']:.0f} GFLOP/s")
+        print(f"matmul peak (largest square product): fp32 {r['matmul']['fp32_gflops']:.0f} GFLOP/s, bf16 {r['matmul']['bf16_gflops']:.0f} GFLOP/s")
     if "train-loraqa" in r and "train-standard" in r:
         ours, std = r["train-loraqa"], r["train-standard"]
         print(f"train  real tokens/s   loraqa {ours['tokens_per_second']:8.1f}   standard {std['tokens_per_second']:8.1f}"
               f"   ratio {ours['tokens_per_second'] / std['tokens_per_second']:.2f}x")
-        print(f"train  peak RSS MB     loraqa {ours['peak_rss_mb']:8.0f}   standard {std['peak_rss_mb']:8.0f}")
+        print(f"train  {memory:15s} loraqa {ours['peak_mb']:8.0f}   standard {std['peak_mb']:8.0f}")
         if "matmul" in r:
             fp32, bf16 = r["matmul"]["fp32_gflops"], r["matmul"]["bf16_gflops"]
             for name, row in (("loraqa", ours), ("standard", std)):
@@ -248,7 +271,7 @@ def report(r: dict, args) -> None:
         same = sum(ours["predictions"][k] == v for k, v in std["predictions"].items())
         print(f"eval   questions/s     loraqa {ours['questions_per_second']:8.2f}   standard {std['questions_per_second']:8.2f}"
               f"   ratio {ours['questions_per_second'] / std['questions_per_second']:.2f}x")
-        print(f"eval   peak RSS MB     loraqa {ours['peak_rss_mb']:8.0f}   standard {std['peak_rss_mb']:8.0f}")
+        print(f"eval   {memory:15s} loraqa {ours['peak_mb']:8.0f}   standard {std['peak_mb']:8.0f}")
         print(f"eval   identical predictions: {same}/{len(std['predictions'])}; F1 loraqa {ours['f1']:.2f}, standard {std['f1']:.2f}")
 
 
