@@ -150,9 +150,8 @@ def phase_train_standard(args) -> dict:
 def phase_eval_loraqa(args) -> dict:
     import torch
 
-    from loraqa.evaluate import evaluate
     from loraqa.config import DEFAULT_TEMPLATE
-
+    from loraqa.evaluate import evaluate
     from loraqa.generate import stop_token_ids
 
     model, tokenizer, _, examples = _setup(args)

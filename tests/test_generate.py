@@ -1,9 +1,8 @@
+import pytest
 import torch
 
 from loraqa.config import DEFAULT_TEMPLATE
 from loraqa.features import build_eval_features
-import pytest
-
 from loraqa.generate import KVPool, decode_answers, greedy_generate, predict, stop_token_ids
 
 CPU = torch.device("cpu")

@@ -69,14 +69,15 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     rows, width = input_ids.shape
     past = 0 if prefix is None else prefix[0].size(1)
     # one slot per column, filled left to right; the mask marks the filled real ones
-    cache = StaticCache(config=lm.config, max_cache_len=past + width + max_new_tokens)
+    slots = past + width + max_new_tokens
+    cache = StaticCache(config=lm.config, max_cache_len=slots)
     kw = {cache_kwarg(lm): cache, "use_cache": True}
-    mask = attention_mask.new_zeros(rows, past + width + max_new_tokens)
+    mask = attention_mask.new_zeros(rows, slots)
     if prefix is None:
         past_mask = attention_mask.new_zeros(rows, 0)
     else:
         prefix_ids, prefix_mask, row_prefix = prefix
-        prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), mask.size(1))
+        prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), slots)
         prefix_full[:, :past] = prefix_mask
         model(input_ids=prefix_ids, attention_mask=prefix_full,
               position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1, **kw)
