@@ -22,8 +22,8 @@ from loraqa.config import fields, load_config
 from loraqa.runtime import keep_freed_memory
 
 TRAIN_FLAGS = list(fields())
-EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "max_eval_examples", "template", "max_length",
-              "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "precision", "seed", "output_dir"]
+EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "dataset", "columns", "max_eval_examples", "template",
+              "max_length", "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "precision", "seed", "output_dir"]
 ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "eval_batch_size", "eval_batch_tokens",
              "max_new_tokens", "precision", "seed"]
 MERGE_FLAGS = ["model", "init", "tokenizer", "seed"]

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from loraqa.records import parse_columns
+
 DEFAULT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
 
 
@@ -32,8 +34,13 @@ class Config:
     tokenizer: str | None = _f(None, "tokenizer location when it differs from --model")
     model_dropout: float | None = _f(None, "set the base model's own dropout rates (default: the model's config)")
     # --- data --------------------------------------------------------------------------------
-    train_file: str | None = _f(None, "SQuAD v1.1 JSON for training (default: hub rajpurkar/squad train)")
-    eval_file: str | None = _f(None, "SQuAD v1.1 JSON for evaluation (default: hub rajpurkar/squad validation)")
+    train_file: str | None = _f(None, "training questions: SQuAD v1.1 .json(.gz), .jsonl, .csv, .parquet or a "
+                                      "save_to_disk folder (default: the hub dataset's train split)")
+    eval_file: str | None = _f(None, "evaluation questions, in the same formats as --train-file "
+                                     "(default: the hub dataset's validation split)")
+    dataset: str | None = _f(None, "hub dataset in the squad schema when no --train-file/--eval-file is given "
+                                   "(default: rajpurkar/squad)")
+    columns: dict[str, str] | None = _f(None, "map loraqa's fields to your columns: question=query,context=passage,...")
     max_train_examples: int | None = _f(None, "keep the first N training questions (file order)")
     max_eval_examples: int | None = _f(None, "keep the first N evaluation questions (file order)")
     template: str = _f(DEFAULT_TEMPLATE, "prompt template with {context} and {question}, once each")
@@ -101,6 +108,7 @@ class Config:
         for key in ("{context}", "{question}"):
             if self.template.count(key) != 1:
                 raise ValueError(f"--template must contain {key} exactly once: {self.template!r}")
+        self.columns = parse_columns(self.columns)  # "question=query,..." from a flag -> a dict
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
 

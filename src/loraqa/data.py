@@ -1,5 +1,7 @@
-"""SQuAD v1.1 (official JSON file, or the hub's ``rajpurkar/squad``) -> a flat list of Examples.
+"""Question files and datasets -> a flat list of Examples; SQuAD v1.1's nested JSON is parsed here.
 
+``load_examples`` picks the reader: SQuAD JSON here; JSON Lines, CSV, Parquet, ``save_to_disk``
+folders and hub datasets (flat rows in the hub ``squad`` schema) in ``records.py``.
 A malformed file is rejected whole, with an error naming the file, the question id and the field:
 a record that breaks the format means the file is not what the user thinks it is, and dropping
 such records silently would change the score's denominator.
@@ -7,12 +9,15 @@ such records silently would change the score's denominator.
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 HUB_DATASET = "rajpurkar/squad"
+FORMATS = ("SQuAD v1.1 JSON (.json, .json.gz), JSON Lines (.jsonl), CSV (.csv), Parquet (.parquet) "
+           "or a folder written by datasets' save_to_disk")
 
 
 class DataError(ValueError):
@@ -76,7 +81,7 @@ def parse_squad(obj: Any, source: str) -> list[Example]:
                     start = _require(ans, "answer_start", int, f"{where}, answers[{i}]")
                     if not text.strip():
                         raise DataError(f"{where}, answers[{i}]: field 'text' is empty")
-                    if context[start : start + len(text)] != text:
+                    if start < 0 or context[start : start + len(text)] != text:
                         raise DataError(
                             f"{where}, answers[{i}]: field 'answer_start'={start} does not point at "
                             f"{text!r} (context there: {context[start:start + len(text)]!r})")
@@ -86,51 +91,81 @@ def parse_squad(obj: Any, source: str) -> list[Example]:
     return examples
 
 
-def load_squad_file(path: str | Path) -> list[Example]:
-    path = Path(path)
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, gunzipped first when its name ends in ``.gz``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        return (gzip.decompress(raw) if path.name.endswith(".gz") else raw).decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip's errors are OSError or EOFError
         raise DataError(f"{path}: cannot read: {e}") from None
+
+
+def load_squad_file(path: str | Path, columns: dict[str, str] | None = None) -> list[Example]:
+    """SQuAD v1.1 JSON (``.json`` or ``.json.gz``); a top-level array is read as flat records."""
+    path = Path(path)
     try:
-        obj = json.loads(text)
+        obj = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if isinstance(obj, list):
+        from loraqa.records import to_examples
+
+        return to_examples(((f"row {i}", row) for i, row in enumerate(obj)), str(path), columns)
+    if columns:
+        raise DataError(f"{path}: --columns maps the columns of flat records, and SQuAD's nested JSON has none")
     return parse_squad(obj, str(path))
 
 
 def examples_from_rows(rows: Iterable[dict[str, Any]], source: str) -> list[Example]:
     """Rows in the hub's flat layout: id, title, context, question, answers{text, answer_start}."""
-    data: dict[tuple[str, str], dict[str, Any]] = {}
-    articles: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        article = articles.setdefault(row["title"], {"title": row["title"], "paragraphs": []})
-        key = (row["title"], row["context"])
-        if key not in data:
-            data[key] = {"context": row["context"], "qas": []}
-            article["paragraphs"].append(data[key])
-        answers = [{"text": t, "answer_start": s}
-                   for t, s in zip(row["answers"]["text"], row["answers"]["answer_start"])]
-        data[key]["qas"].append({"id": row["id"], "question": row["question"], "answers": answers})
-    return parse_squad({"data": list(articles.values())}, source)
+    from loraqa.records import to_examples
+
+    return to_examples(((f"row {i}", row) for i, row in enumerate(rows)), source)
 
 
-def load_squad_hub(split: str) -> list[Example]:
-    """SQuAD v1.1 from the Hugging Face hub (needs network access the first time)."""
-    import datasets
+def load_file(path: str | Path, split: str, columns: dict[str, str] | None = None) -> list[Example]:
+    """Any of ``FORMATS``, told apart by the name's ending; ``split`` picks from a DatasetDict folder."""
+    from loraqa import records
 
-    rows = datasets.load_dataset(HUB_DATASET, split=split)
-    return examples_from_rows(rows, f"{HUB_DATASET}[{split}]")
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".json", ".json.gz")):
+        return load_squad_file(path, columns)
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return records.read_jsonl(path, columns)
+    if name.endswith((".csv", ".csv.gz")):
+        return records.read_csv(path, columns)
+    if name.endswith(".parquet"):
+        return records.read_parquet(path, columns)
+    if path.is_dir():
+        return records.read_folder(path, split, columns)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    raise DataError(f"{path}: unknown format; give {FORMATS}")
 
 
-def load_examples(path: str | None, split: str, limit: int | None = None) -> list[Example]:
-    """A local file when ``path`` is given, else the hub's ``split``; then the first ``limit``."""
-    examples = load_squad_file(path) if path else load_squad_hub(split)
+def load_examples(path: str | None, split: str, limit: int | None = None, *, dataset: str | None = None,
+                  columns: dict[str, str] | None = None) -> list[Example]:
+    """``path`` when given, else the hub ``dataset``'s ``split`` (rajpurkar/squad); then the first ``limit``."""
+    if path:
+        examples = load_file(path, split, columns)
+    else:
+        from loraqa.records import read_hub
+
+        examples = read_hub(dataset or HUB_DATASET, split, columns)
     if limit is not None:
         examples = examples[:limit]
     if not examples:
-        raise DataError(f"{path or HUB_DATASET}: no questions left to use")
+        raise DataError(f"{path or dataset or HUB_DATASET}: no questions left to use")
     return examples
 
+
+def sample_file(split: str) -> Path:
+    """The SQuAD v1.1 sample shipped in the package: "train" (1,001 questions) or "eval" (302)."""
+    from importlib.resources import files
+
+    if split not in ("train", "eval"):
+        raise ValueError(f"sample split must be 'train' or 'eval', got {split!r}")
+    return Path(str(files("loraqa") / "samples" / f"squad-{split}.json.gz"))

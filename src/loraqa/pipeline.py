@@ -21,13 +21,15 @@ from loraqa.config import Config, save_config
 from loraqa.data import load_examples
 from loraqa.distributed import Processes
 from loraqa.evaluate import evaluate
-from loraqa.features import build_train_features
+from loraqa.features import build_eval_features, build_train_features
 from loraqa.io import write_json_atomic, write_jsonl_atomic
 from loraqa.lora import load_adapter, parameter_counts, prepare_model
-from loraqa.model import (context_window, count_parameters, load_model, load_tokenizer,
-                          resolve_precision)
+from loraqa.checkpoint import resumed_precision
+from loraqa.generate import probe_step as prefill_step
+from loraqa.model import context_window, count_parameters, load_model, load_tokenizer
+from loraqa.precision import apply_precision
 from loraqa.prompt import format_prompt
-from loraqa.train import train
+from loraqa.train import probe_step, train
 
 ADAPTER_SETTINGS = "loraqa.json"  # beside the adapter: how prompts were built for it
 CHECKPOINTS = "checkpoints"
@@ -69,6 +71,16 @@ def load_base(config: Config):
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     return model, tokenizer, count_parameters(model)[1]
+
+
+def inference_precision(model, tokenizer, config: Config, device: torch.device, examples, max_length: int):
+    """(precision, why) for answering ``examples``; every linear weight is stored in it (nothing
+    trains). A probe, where ``auto`` needs one, prefills a batch of their prompts."""
+    features, _ = build_eval_features(tokenizer, examples[:64], config.template, max_length, config.max_new_tokens)
+    step = prefill_step(model, features, config.eval_batch_size, tokenizer.pad_token_id, device) if features else None
+    precision, why = apply_precision(model, config.precision, device, step, everything=True)
+    log(f"precision {precision} ({why})")
+    return precision, why
 
 
 def save_dir_atomic(target: Path, write) -> None:
@@ -120,11 +132,12 @@ def run_train(config: Config, progress: bool = True) -> dict:
     out = claim_output_dir(config) if processes.is_main else Path(config.output_dir)
     processes.barrier()
     device = processes.device
-    precision = resolve_precision(config.precision, device)
     model, tokenizer, base_total = load_base(config)
     max_length = resolve_max_length(config, model, tokenizer)
-    train_examples = load_examples(config.train_file, "train", config.max_train_examples)
-    eval_examples = load_examples(config.eval_file, "validation", config.max_eval_examples)
+    train_examples = load_examples(config.train_file, "train", config.max_train_examples,
+                                   dataset=config.dataset, columns=config.columns)
+    eval_examples = load_examples(config.eval_file, "validation", config.max_eval_examples,
+                                  dataset=config.dataset, columns=config.columns)
     train_features, train_stats = build_train_features(tokenizer, train_examples, config.template, max_length)
     eval_loss_features, eval_loss_stats = build_train_features(
         tokenizer, eval_examples[:config.eval_loss_examples], config.template, max_length)
@@ -137,9 +150,14 @@ def run_train(config: Config, progress: bool = True) -> dict:
     torch.manual_seed(config.seed)  # LoRA's A matrices and dropout
     model = prepare_model(model, config).to(device)
     counts = parameter_counts(model, base_total)
+    resumed = resumed_precision(out / CHECKPOINTS)
+    precision, why = apply_precision(model, resumed or config.precision, device, processes=processes,
+                                     step=probe_step(model, train_features, config.batch_size, tokenizer.pad_token_id, device))
+    if resumed:
+        why = "a resumed run keeps the precision its checkpoints were trained in"
     processes.log(f"{config.method}: {counts['trainable_params']:,} trainable of {base_total:,} parameters "
                   f"({counts['trainable_percent']:.4f}%); {processes.world} process(es) on {device}, "
-                  f"precision {precision}, max length {max_length}")
+                  f"precision {precision} ({why}), max length {max_length}")
 
     def on_epoch_end(history: list[dict], steps: list[dict]) -> None:
         write_curves(out, history, steps)
@@ -165,7 +183,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
         "method": config.method, "train_seconds": train_seconds, "train_questions": train_stats.examples,
         "train_windowed": train_stats.windowed, "train_dropped": train_stats.dropped,
         "train_tokens": train_tokens, "train_tokens_per_second": train_tokens / max(train_seconds, 1e-9),
-        "processes": processes.world, "device": str(device), "precision": precision, "max_length": max_length,
+        "processes": processes.world, "device": str(device), "precision": precision, "precision_reason": why,
+        "max_length": max_length,
         "peak_memory_mb": peak_memory_mb(device)})
     if processes.is_main:
         write_json_atomic(out / "predictions.json", predictions)
@@ -206,21 +225,22 @@ def run_evaluate(config: Config, adapter: str | None = None, progress: bool = Tr
     """Evaluate the base model, or the base model plus ``adapter``; writes predictions + metrics."""
     out = claim_output_dir(config)
     device = Processes.single().device
-    precision = resolve_precision(config.precision, device)
     model, tokenizer, base_total = load_base(config)
     max_length = resolve_max_length(config, model, tokenizer)
     if adapter:
         model = load_adapter(model, adapter)
     model.to(device)
-    examples = load_examples(config.eval_file, "validation", config.max_eval_examples)
+    examples = load_examples(config.eval_file, "validation", config.max_eval_examples,
+                             dataset=config.dataset, columns=config.columns)
+    precision, why = inference_precision(model, tokenizer, config, device, examples, max_length)
     predictions, metrics = evaluate(
         model, tokenizer, examples, template=config.template, max_length=max_length,
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
         precision=precision, progress=progress, batch_tokens=config.eval_batch_tokens)
     metrics.update({"method": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                     "trainable_params": 0, "total_params": base_total, "trainable_percent": 0.0,
-                    "device": str(device), "precision": precision, "max_length": max_length,
-                    "peak_memory_mb": peak_memory_mb(device)})
+                    "device": str(device), "precision": precision, "precision_reason": why,
+                    "max_length": max_length, "peak_memory_mb": peak_memory_mb(device)})
     write_json_atomic(out / "predictions.json", predictions)
     write_json_atomic(out / "metrics.json", metrics)
     log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} questions; "
