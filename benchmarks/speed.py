@@ -46,6 +46,8 @@ def phase_matmul(args) -> dict:
     """Peak matmul GFLOP/s per dtype; a small probe first, since bf16 without hardware support is slow."""
     import torch
 
+    from loraqa.precision import native_bf16
+
     out = {}
     sizes = (512, 2048) if args.device == "cpu" else (2048, 8192)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -62,6 +64,7 @@ def phase_matmul(args) -> dict:
             _sync(args)
             gflops = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
             out[f"{name}_gflops"] = max(out.get(f"{name}_gflops", 0.0), gflops)
+            out["native_bf16"] = native_bf16(torch.device(args.device))
             if gflops < 50:  # emulated: a 2048 product would take minutes and show nothing new
                 break
     return out
@@ -97,18 +100,22 @@ def phase_train_loraqa(args) -> dict:
     from loraqa.config import DEFAULT_TEMPLATE, Config
     from loraqa.features import build_train_features
     from loraqa.lora import add_lora
-    from loraqa.train import train
+    from loraqa.precision import apply_precision
+    from loraqa.train import probe_step, train
 
     model, tokenizer, examples, _ = _setup(args)
     features, stats = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, args.max_length)
     flops = _flops_per_token(model, sum(len(f.input_ids) for f in features) / len(features),
                              sum(len(f.input_ids) - f.n_prompt for f in features) / sum(len(f.input_ids) for f in features))
     model = add_lora(model, args.r, 2 * args.r, 0.1)
+    device = torch.device(args.device)
+    precision, why = apply_precision(model, args.precision, device,  # what `loraqa train` does
+                                     probe_step(model, features, args.batch_size, tokenizer.pad_token_id, device))
     config = Config(epochs=1, batch_size=args.batch_size, lr=2e-4, seed=args.seed)
-    history, _ = train(model, features, [], config, pad_id=tokenizer.pad_token_id, device=torch.device(args.device),
-                    precision=args.precision, progress=False)
+    history, _ = train(model, features, [], config, pad_id=tokenizer.pad_token_id, device=device,
+                       precision=precision, progress=False)
     row = history[0]
-    return {"real_tokens": row["train_tokens"], "seconds": row["train_seconds"],
+    return {"precision": precision, "why": why, "real_tokens": row["train_tokens"], "seconds": row["train_seconds"],
             "tokens_per_second": row["train_tokens_per_second"], "flops_per_token": flops,
             "dropped": stats.dropped, "peak_mb": peak_mb(args)}
 
@@ -151,18 +158,23 @@ def phase_eval_loraqa(args) -> dict:
     import torch
 
     from loraqa.config import DEFAULT_TEMPLATE
+    from loraqa.config import Config
     from loraqa.evaluate import evaluate
     from loraqa.generate import stop_token_ids
+    from loraqa.pipeline import inference_precision
 
     model, tokenizer, _, examples = _setup(args)
     stop_token_ids(tokenizer)  # cached on the tokenizer; computed before the clock, as for the standard recipe
+    device = torch.device(args.device)
+    config = Config(precision=args.precision, max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size)
+    precision, why = inference_precision(model, tokenizer, config, device, examples, args.max_length)  # as `loraqa evaluate`
     start = time.perf_counter()
     predictions, metrics = evaluate(model, tokenizer, examples, template=DEFAULT_TEMPLATE, max_length=args.max_length,
                                     max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-                                    device=torch.device(args.device), precision=args.precision, progress=False,
+                                    device=device, precision=precision, progress=False,
                                     batch_tokens=args.eval_batch_tokens)
     seconds = time.perf_counter() - start
-    return {"questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
+    return {"precision": precision, "why": why, "questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
             "f1": metrics["f1"], "predictions": predictions, "peak_mb": peak_mb(args)}
 
 
@@ -215,35 +227,40 @@ def main() -> None:
     p.add_argument("--fixed-length", type=int, default=384, help="the standard recipe's padded length")
     p.add_argument("--max-length", type=int, default=1024, help="loraqa's token budget")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--precision", default="auto")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="loraqa's phases run once per precision (fp32, bf16, auto); the first is compared with the standard recipe")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)  # one phase's, from --precisions
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--phase", help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()
     if args.phase:
-        if args.precision == "auto":
-            import torch
-
-            from loraqa.model import resolve_precision
-            args.precision = resolve_precision("auto", torch.device(args.device))
         if args.phase.endswith("-loraqa"):  # what the `loraqa` command does at start
             from loraqa.runtime import keep_freed_memory
             keep_freed_memory()
         print(json.dumps(globals()["phase_" + args.phase.replace("-", "_")](args)))
         return
     argv = [a for a in sys.argv[1:]]
+    precisions = args.precisions.split(",")
     results = {}
     for name in args.phases.split(","):
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_phase(name, argv)
-    report(results, args)
+        for precision in precisions if name.endswith("-loraqa") else ["fp32"]:
+            print(f"running {name} ({precision}) ...", file=sys.stderr, flush=True)
+            results[f"{name}@{precision}"] = run_phase(name, [*argv, "--precision", precision])
+    report(results, args, precisions)
 
 
-def report(r: dict, args) -> None:
+def report(runs: dict, args, precisions: list[str]) -> None:
     import os
     import platform
 
+    # loraqa's first precision against the standard recipe (fp32, as users run Trainer by default)
+    r = {}
+    for name, row in runs.items():
+        phase, precision = name.split("@")
+        if not phase.endswith("-loraqa") or precision == precisions[0]:
+            r[phase] = row
     where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if args.device != "cpu":
         import torch
@@ -252,11 +269,13 @@ def report(r: dict, args) -> None:
     print(f"\nmachine: {where}; model {args.model} "
           f"({args.init}); batch {args.batch_size}; {args.train_examples} train / {args.eval_examples} eval questions")
     if "matmul" in r:
-        print(f"matmul peak (largest square product): fp32 {r['matmul']['fp32_gflops']:.0f} GFLOP/s, bf16 {r['matmul']['bf16_gflops']:.0f} GFLOP/s")
+        native = "native" if r["matmul"]["native_bf16"] else "emulated: no native bf16 here"
+        print(f"matmul peak (largest square product): fp32 {r['matmul']['fp32_gflops']:.0f} GFLOP/s, "
+              f"bf16 {r['matmul']['bf16_gflops']:.0f} GFLOP/s ({native})")
     if "train-loraqa" in r and "train-standard" in r:
         ours, std = r["train-loraqa"], r["train-standard"]
         print(f"train  real tokens/s   loraqa {ours['tokens_per_second']:8.1f}   standard {std['tokens_per_second']:8.1f}"
-              f"   ratio {ours['tokens_per_second'] / std['tokens_per_second']:.2f}x")
+              f"   ratio {ours['tokens_per_second'] / std['tokens_per_second']:.2f}x   (loraqa in {ours['precision']})")
         print(f"train  {memory:15s} loraqa {ours['peak_mb']:8.0f}   standard {std['peak_mb']:8.0f}")
         if "matmul" in r:
             fp32, bf16 = r["matmul"]["fp32_gflops"], r["matmul"]["bf16_gflops"]
@@ -269,9 +288,18 @@ def report(r: dict, args) -> None:
         ours, std = r["eval-loraqa"], r["eval-standard"]
         same = sum(ours["predictions"][k] == v for k, v in std["predictions"].items())
         print(f"eval   questions/s     loraqa {ours['questions_per_second']:8.2f}   standard {std['questions_per_second']:8.2f}"
-              f"   ratio {ours['questions_per_second'] / std['questions_per_second']:.2f}x")
+              f"   ratio {ours['questions_per_second'] / std['questions_per_second']:.2f}x   (loraqa in {ours['precision']})")
         print(f"eval   {memory:15s} loraqa {ours['peak_mb']:8.0f}   standard {std['peak_mb']:8.0f}")
         print(f"eval   identical predictions: {same}/{len(std['predictions'])}; F1 loraqa {ours['f1']:.2f}, standard {std['f1']:.2f}")
+    native = r.get("matmul", {}).get("native_bf16")
+    print("\nloraqa by precision (bf16: frozen weights stored in bf16, LoRA weights and optimizer fp32)")
+    print(f"{'precision':10s} {'chosen':8s} {'bf16 here':10s} {'train tok/s':>12s} {'eval q/s':>9s}  why")
+    for precision in precisions:
+        t, e = runs.get(f"train-loraqa@{precision}", {}), runs.get(f"eval-loraqa@{precision}", {})
+        chosen = t.get("precision") or e.get("precision") or "-"
+        kind = "-" if native is None or chosen == "fp32" else "native" if native else "emulated"
+        print(f"{precision:10s} {chosen:8s} {kind:10s} {t.get('tokens_per_second', float('nan')):12.1f} "
+              f"{e.get('questions_per_second', float('nan')):9.2f}  {t.get('why') or e.get('why', '')}")
 
 
 if __name__ == "__main__":

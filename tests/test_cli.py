@@ -14,7 +14,7 @@ def run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     code = main(["train", "--model", str(tiny_model_dir), "--train-file", str(SQUAD), "--eval-file", str(SQUAD),
                  "--output-dir", str(out), "--epochs", "2", "--batch-size", "2", "--max-length", "128",
-                 "--max-new-tokens", "6", "--eval-batch-size", "4", "--quiet"])
+                 "--max-new-tokens", "6", "--eval-batch-size", "4", "--precision", "fp32", "--quiet"])
     assert code == 0
     return out
 
@@ -40,7 +40,7 @@ def test_train_writes_every_file_of_the_run_folder(run):
 def test_evaluate_on_the_saved_adapter_reproduces_the_predictions(run, tiny_model_dir, tmp_path):
     code = main(["evaluate", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"),
                  "--eval-file", str(SQUAD), "--output-dir", str(tmp_path), "--batch-size", "4",
-                 "--max-new-tokens", "6", "--quiet"])
+                 "--max-new-tokens", "6", "--precision", "fp32", "--quiet"])
     assert code == 0
     assert json.loads((tmp_path / "predictions.json").read_text()) == json.loads((run / "predictions.json").read_text())
     assert json.loads((tmp_path / "metrics.json").read_text())["max_length"] == 128  # taken from the adapter

@@ -18,10 +18,11 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one(tiny_model_dir, tmp_path):
-    # no dropout anywhere: each process draws its own dropout masks, which one process would not
+    # no dropout anywhere: each process draws its own dropout masks, which one process would not;
+    # fp32 pinned: on a CPU with native bf16, auto may choose bf16, whose rounding differs by batch split
     flags = ["train", "--model", str(tiny_model_dir), "--train-file", str(SQUAD), "--eval-file", str(SQUAD),
              "--epochs", "2", "--batch-size", "2", "--lr", "1e-2", "--max-length", "128", "--max-new-tokens", "6",
-             "--lora-dropout", "0", "--model-dropout", "0", "--eval-batch-size", "2", "--quiet"]
+             "--lora-dropout", "0", "--model-dropout", "0", "--eval-batch-size", "2", "--precision", "fp32", "--quiet"]
     one = subprocess.run([sys.executable, "-m", "loraqa.cli", *flags, "--output-dir", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -34,7 +34,7 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tiny_model_dir, tm
 
 def test_ask_one_and_many(tiny_model_dir, tmp_path, capsys):
     adapter = _adapter(tiny_model_dir, tmp_path / "adapter")
-    common = ["--model", str(tiny_model_dir), "--adapter", str(adapter), "--max-new-tokens", "5"]
+    common = ["--model", str(tiny_model_dir), "--adapter", str(adapter), "--max-new-tokens", "5", "--precision", "fp32"]
     assert main(["ask", *common, "--context", "The mill was rebuilt in 1887.", "--question", "When?"]) == 0
     single = capsys.readouterr().out.rstrip("\n")
     questions = tmp_path / "q.jsonl"

@@ -15,7 +15,7 @@ from conftest import SQUAD
 def _command(model_dir, out):
     return [sys.executable, "-m", "loraqa.cli", "train", "--model", str(model_dir), "--train-file", str(SQUAD),
             "--eval-file", str(SQUAD), "--output-dir", str(out), "--epochs", "8", "--batch-size", "2",
-            "--lr", "1e-2", "--max-length", "128", "--max-new-tokens", "4", "--save-steps", "1", "--quiet"]
+            "--lr", "1e-2", "--max-length", "128", "--max-new-tokens", "4", "--save-steps", "1", "--precision", "fp32", "--quiet"]
 
 
 def test_sigkill_mid_training_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):

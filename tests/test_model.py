@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loraqa.model import _unmark_quantized, context_window, load_model, load_tokenizer, model_source, resolve_precision
+from loraqa.model import _unmark_quantized, context_window, load_model, load_tokenizer, model_source
 
 
 def test_model_source_kinds(tmp_path):
@@ -43,9 +43,3 @@ def test_gguf_quantization_marks_are_removed(tiny_model):
     _unmark_quantized(tiny_model)
     assert tiny_model.hf_quantizer is None and not tiny_model.is_quantized
     assert not hasattr(tiny_model.config, "quantization_config")
-
-
-def test_precision_resolution_on_cpu():
-    cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("auto", cpu) in {"bf16", "fp32"}

@@ -65,6 +65,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name))
 
 
+def resumed_precision(folder: Path) -> str | None:
+    """The precision the newest checkpoint in ``folder`` was trained in (None: nothing to resume).
+    A resumed run keeps it: ``--precision auto`` may choose differently on a second probe."""
+    saved = list_checkpoints(folder)
+    return json.loads((saved[-1] / "state.json").read_text()).get("precision") if saved else None
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler, scaler and RNG from ``path``; returns its state."""
     weights = load_file(path / "trainable.safetensors")

@@ -54,6 +54,13 @@ class Processes:
 
         return reduce(tensor.to(self.device), reduction="sum").cpu()
 
+    def choose(self, value: str, choices: list[str]) -> str:
+        """The main process's ``value`` (one of ``choices``), on every process."""
+        picked = torch.zeros(len(choices), dtype=torch.float64)
+        if self.is_main:
+            picked[choices.index(value)] = 1
+        return choices[int(self.sum(picked).argmax())]
+
     def gather(self, items: list) -> list:
         """Every process's list, concatenated in rank order."""
         if self.world == 1:

@@ -130,3 +130,10 @@ def collate_train(features: list[Feature], pad_id: int) -> dict[str, torch.Tenso
         attention_mask[i, :n] = 1
         labels[i, f.n_prompt:n] = input_ids[i, f.n_prompt:n]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def median_batch(features: list[Feature], batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``collate_train`` of ``batch_size`` features of median length: a typical batch, for probes."""
+    order = sorted(features, key=lambda f: len(f.input_ids))
+    middle = max(0, len(order) // 2 - batch_size // 2)
+    return collate_train(order[middle:middle + batch_size], pad_id)

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from transformers import StaticCache
 
 from loraqa.batching import collate_shared_prefix, shared_prefix_batches
-from loraqa.features import Feature
-from loraqa.model import autocast, cache_kwarg
+from loraqa.features import Feature, median_batch
+from loraqa.model import cache_kwarg
+from loraqa.precision import autocast
 from loraqa.prompt import cut_answer
 
 
@@ -110,6 +111,20 @@ def _spread(cache: StaticCache, row_prefix: torch.Tensor, pool: KVPool) -> None:
         for kind in ("keys", "values"):
             src = getattr(layer, kind)
             setattr(layer, kind, torch.index_select(src, 0, row_prefix, out=pool.view(i, kind, src, len(row_prefix))))
+
+
+def probe_step(model, features: list[Feature], batch_size: int, pad_id: int, device: torch.device):
+    """A prefill of ``batch_size`` median-length prompts, for timing precisions."""
+    batch = median_batch(features, batch_size, pad_id)
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+    @torch.inference_mode()
+    def step(precision: str) -> None:
+        model.eval()
+        with autocast(device, precision):
+            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+
+    return step
 
 
 def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> list[str]:

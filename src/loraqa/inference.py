@@ -11,8 +11,7 @@ from loraqa.features import build_eval_features
 from loraqa.generate import predict
 from loraqa.lora import load_adapter
 from loraqa.distributed import Processes
-from loraqa.model import resolve_precision
-from loraqa.pipeline import ADAPTER_SETTINGS, load_base, log, resolve_max_length, save_dir_atomic
+from loraqa.pipeline import ADAPTER_SETTINGS, inference_precision, load_base, log, resolve_max_length, save_dir_atomic
 
 
 def merge(config: Config, adapter: str, output_dir: str) -> Path:
@@ -64,9 +63,10 @@ def ask(config: Config, adapter: str | None, examples: list[Example], progress: 
     if adapter:
         model = load_adapter(model, adapter)
     model.to(device)
+    precision, _ = inference_precision(model, tokenizer, config, device, examples, max_length)
     features, stats = build_eval_features(tokenizer, examples, config.template, max_length, config.max_new_tokens)
     if stats.windowed or stats.dropped:
         log(f"{stats.windowed} contexts cut to fit {max_length} tokens; {stats.dropped} questions too long to answer")
     answers = predict(model, tokenizer, features, config.eval_batch_size, config.max_new_tokens, device,
-                      resolve_precision(config.precision, device), progress, config.eval_batch_tokens)
+                      precision, progress, config.eval_batch_tokens)
     return {ex.id: answers.get(ex.id, "") for ex in examples}

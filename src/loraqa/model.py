@@ -108,25 +108,6 @@ def context_window(model) -> int | None:
     return None
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 where the device computes it natively, else fp32 (fp16 only when asked)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; shared (tied) tensors counted once."""
     seen, trainable, total = set(), 0, 0

@@ -25,8 +25,9 @@ from loraqa.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from loraqa.config import Config
 from loraqa.distributed import Processes
 from loraqa.batching import collate_context_train, context_batches, context_groups, length_grouped_batches
-from loraqa.features import Feature, collate_train
-from loraqa.model import autocast, cache_kwarg
+from loraqa.features import Feature, collate_train, median_batch
+from loraqa.model import cache_kwarg
+from loraqa.precision import autocast
 
 LOG_STEPS = 10  # optimizer steps per point of the loss curve (steps.jsonl)
 
@@ -126,6 +127,21 @@ def evaluate_loss(model, features: list[Feature], batch_size: int, pad_id: int, 
     return float(total[0] / max(total[1], 1))
 
 
+def probe_step(model, features: list[Feature], batch_size: int, pad_id: int, device: torch.device):
+    """One training step's forward and backward at the run's shapes (``batch_size`` examples of
+    median length), for timing precisions; gradients are dropped after each call."""
+    batch = {k: v.to(device) for k, v in median_batch(features, batch_size, pad_id).items()}
+
+    def step(precision: str) -> None:
+        model.train()
+        with autocast(device, precision):
+            loss = answer_loss_sum(model, batch) / max(_answer_tokens(batch), 1)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
 class _StopRequest:
     """Ctrl-C sets a flag; the loop saves a checkpoint at the next step boundary, then stops."""
 
@@ -179,7 +195,7 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
         plan, collate = (lambda epoch: length_grouped_batches(lengths, config.batch_size, config.seed + epoch)), collate_train
     # everything that a resumed run needs besides weights, optimizer, scheduler and RNG
     state = {"epoch": 1, "batch": 0, "step": 0, "loss_sum": 0.0, "loss_tokens": 0, "real_tokens": 0,
-             "seconds": 0.0, "history": [], "steps": [], "window": [0.0, 0]}
+             "seconds": 0.0, "history": [], "steps": [], "window": [0.0, 0], "precision": precision}
     saved = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
     if saved:
         state = load_checkpoint(saved[-1], model, optimizer, scheduler, scaler, processes.rank)
