@@ -27,10 +27,9 @@ from pathlib import Path
 import yaml
 
 from loraqa.compare import parse_extra, run_in_subprocess, same_run
-from loraqa.config import load_config
+from loraqa.config import find_config, load_config
 from loraqa.io import write_jsonl_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = {"max_train_examples": 1000, "epochs": 1, "batch_size": 4, "max_length": 768, "eval_loss_examples": 200}
 LLAMA_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RECIPES = {
@@ -40,7 +39,7 @@ RECIPES = {
                  "lr": 2e-4, "warmup_ratio": 0.0, "weight_decay": 0.0},
     # the write-up's recipe with Llama's names for the attention projections
     "writeup": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-    "recommended": "configs/recommended.yaml",
+    "recommended": "recommended",  # the shipped preset (src/loraqa/configs/recommended.yaml)
     # the recommended recipe on 4,000 questions, one epoch: ~45 minutes of this CPU's training
     "recommended-4k": {"preset": "recommended", "max_train_examples": 4000},
 }
@@ -77,7 +76,7 @@ def recipe_settings(name: str, extra: dict[str, dict]) -> dict:
         raise SystemExit(f"unknown recipe {name!r} (known: {', '.join([*RECIPES, *extra])})")
     recipe = RECIPES[name]
     if isinstance(recipe, str):  # a preset: its recipe, not its model, data, budget or output folder
-        preset = yaml.safe_load((ROOT / recipe).read_text())
+        preset = yaml.safe_load(find_config(recipe).read_text())
         return {k: v for k, v in preset.items() if k not in PRESET_IGNORED}
     if "preset" in recipe:  # a preset on another budget
         return {**recipe_settings(recipe["preset"], extra), **{k: v for k, v in recipe.items() if k != "preset"}}

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from loraqa.config import DEFAULT_TEMPLATE, Config, load_config
+from loraqa.config import DEFAULT_TEMPLATE, Config, load_config, presets
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(presets())
 
 
 def test_defaults_are_the_write_ups_recipe():
@@ -41,13 +41,17 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_presets_ship_in_the_package():
+    assert {"recommended", "gpt2-squad", "cpu-small", "compare-cpu", "compare-gpt2"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), Config)
 
 
 def test_the_write_up_preset_is_the_write_ups_recipe():
-    c = load_config(Path(__file__).parents[1] / "configs" / "gpt2-squad.yaml")
+    c = load_config("gpt2-squad")  # by name, from any folder
     assert (c.model, c.r, c.lora_alpha, c.lora_dropout, c.batch_size, c.lr, c.epochs) == ("gpt2", 8, 16, 0.1, 4, 2e-4, 3)
     assert c.train_file is None and c.max_train_examples is None  # full SQuAD from the hub
 

@@ -4,7 +4,8 @@ import torch
 from loraqa.model import _unmark_quantized, context_window, load_model, load_tokenizer, model_source
 
 
-def test_model_source_kinds(tmp_path):
+def test_model_source_kinds(tmp_path, monkeypatch):
+    monkeypatch.setattr("loraqa.fetch.hub_reachable", lambda name, kind="models": True)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     assert model_source(str(gguf)) == (str(tmp_path), {"gguf_file": "m.gguf"})

