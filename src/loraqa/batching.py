@@ -163,3 +163,28 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
         batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def padded_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Token positions a collated training batch runs, padding included (shared prefixes once)."""
+    return batch["input_ids"].numel() + (batch["prefix_ids"].numel() if "prefix_ids" in batch else 0)
+
+
+def micro_batches(features: list[Feature], collate, pad_id: int, max_tokens: int | None) -> list[dict]:
+    """``collate`` of consecutive slices of ``features``, each at most ``max_tokens`` padded tokens
+    (a single example over it runs alone). Their summed losses and gradients are the whole batch's:
+    the loss is a sum over answer tokens, scaled by the whole batch's count. Slices follow the
+    batch's order, so a passage's questions stay together unless the passage alone is too big."""
+    if not max_tokens:
+        return [collate(features, pad_id)]
+    parts, start = [], 0
+    while start < len(features):
+        end, part = start + 1, collate(features[start:start + 1], pad_id)
+        while end < len(features):
+            wider = collate(features[start:end + 1], pad_id)
+            if padded_tokens(wider) > max_tokens:
+                break
+            end, part = end + 1, wider
+        parts.append(part)
+        start = end
+    return parts

@@ -59,6 +59,10 @@ class Config:
     batch_size: int = _f(4, "training examples per optimizer step (global, all processes)")
     group_by_passage: bool = _f(
         False, "batch each passage's questions together and run the passage once per batch (faster on SQuAD)")
+    gradient_checkpointing: bool = _f(
+        False, "recompute each layer's activations in the backward pass instead of keeping them (less memory, ~30% more time)")
+    max_batch_tokens: int | None = _f(
+        None, "run a batch over N padded tokens as micro-batches with gradient accumulation (the same update)")
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "share of steps with linear warmup; then linear decay to 0")
@@ -68,6 +72,8 @@ class Config:
     seed: int = _f(42, "seed for weights (random init), LoRA init, dropout and data order")
     save_steps: int = _f(0, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
+    report_to: str | None = _f(None, "send the loss curve, eval loss, EM/F1 and config to a tracker: tensorboard, "
+                                     "wandb, mlflow, ... (comma-separated; default: none)")
     # --- evaluation --------------------------------------------------------------------------
     eval_loss_examples: int | None = _f(
         None, "score the per-epoch eval loss on the first N evaluation questions (0 skips it; default: all)")
@@ -89,7 +95,7 @@ class Config:
         for name in ("save_steps", "eval_loss_examples"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_train_examples", "max_eval_examples", "max_length"):
+        for name in ("max_train_examples", "max_eval_examples", "max_length", "max_batch_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
@@ -108,6 +114,9 @@ class Config:
         for key in ("{context}", "{question}"):
             if self.template.count(key) != 1:
                 raise ValueError(f"--template must contain {key} exactly once: {self.template!r}")
+        if self.report_to is not None and (not isinstance(self.report_to, str) or not self.report_to.strip()):
+            raise ValueError(f"--report-to must name a tracker (tensorboard, wandb, mlflow, ...) or none, "
+                             f"got {self.report_to!r}")
         self.columns = parse_columns(self.columns)  # "question=query,..." from a flag -> a dict
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]

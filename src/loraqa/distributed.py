@@ -54,6 +54,14 @@ class Processes:
 
         return reduce(tensor.to(self.device), reduction="sum").cpu()
 
+    def max(self, value: int) -> int:
+        """The largest ``value`` over processes."""
+        if self.world == 1:
+            return value
+        slots = torch.zeros(self.world, dtype=torch.float64)
+        slots[self.rank] = value
+        return int(self.sum(slots).max())
+
     def choose(self, value: str, choices: list[str]) -> str:
         """The main process's ``value`` (one of ``choices``), on every process."""
         picked = torch.zeros(len(choices), dtype=torch.float64)

@@ -130,3 +130,24 @@ def cache_kwarg(module) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (transformers' checkpointing, non-reentrant,
+    so PEFT's frozen inputs need no ``requires_grad``), keeping the KV cache that passage batches pass
+    between the shared prefix and each row: their cache (``train.SharedPrefixCache``) gives the same
+    states on every call, so a recomputed layer sees what the first pass saw. transformers drops the
+    cache under checkpointing because its caches append on every call; the model-level flag that does
+    it (GPT-2's) is turned off, the layers' checkpointing stays on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(lm, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in lm.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True
+        elif getattr(module, "gradient_checkpointing", False):
+            module.gradient_checkpointing = False

@@ -26,9 +26,10 @@ from loraqa.io import write_json_atomic, write_jsonl_atomic
 from loraqa.lora import load_adapter, parameter_counts, prepare_model
 from loraqa.checkpoint import resumed_precision
 from loraqa.generate import probe_step as prefill_step
-from loraqa.model import context_window, count_parameters, load_model, load_tokenizer
+from loraqa.model import context_window, count_parameters, enable_gradient_checkpointing, load_model, load_tokenizer
 from loraqa.precision import apply_precision
 from loraqa.prompt import format_prompt
+from loraqa.tracking import Tracking
 from loraqa.train import probe_step, train
 
 ADAPTER_SETTINGS = "loraqa.json"  # beside the adapter: how prompts were built for it
@@ -130,6 +131,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
     """
     processes = Processes.from_environment()
     out = claim_output_dir(config) if processes.is_main else Path(config.output_dir)
+    # --report-to: only the main process sends; elsewhere every call is a no-op
+    tracking = Tracking(config.report_to if processes.is_main else None, out, config.to_dict())
     processes.barrier()
     device = processes.device
     model, tokenizer, base_total = load_base(config)
@@ -149,6 +152,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
 
     torch.manual_seed(config.seed)  # LoRA's A matrices and dropout
     model = prepare_model(model, config).to(device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     counts = parameter_counts(model, base_total)
     resumed = resumed_precision(out / CHECKPOINTS)
     precision, why = apply_precision(model, resumed or config.precision, device, processes=processes,
@@ -164,10 +169,12 @@ def run_train(config: Config, progress: bool = True) -> dict:
         row = history[-1]
         eval_loss = "not scored" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
         log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, eval loss {eval_loss}")
+        tracking.log({"eval_loss": row["eval_loss"], "epoch_train_loss": row["train_loss"], "epoch": row["epoch"]},
+                     step=steps[-1]["step"] if steps else 0)
 
     history, steps = train(model, train_features, eval_loss_features, config, pad_id=tokenizer.pad_token_id,
                     device=device, precision=precision, processes=processes, on_epoch_end=on_epoch_end,
-                    progress=progress, checkpoint_dir=out / CHECKPOINTS)
+                    on_step_point=tracking.log_point, progress=progress, checkpoint_dir=out / CHECKPOINTS)
     train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
     if processes.is_main:
         write_curves(out, history, steps)  # again: a resumed, already finished run calls no on_epoch_end
@@ -183,6 +190,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
         "method": config.method, "train_seconds": train_seconds, "train_questions": train_stats.examples,
         "train_windowed": train_stats.windowed, "train_dropped": train_stats.dropped,
         "train_tokens": train_tokens, "train_tokens_per_second": train_tokens / max(train_seconds, 1e-9),
+        "gradient_checkpointing": config.gradient_checkpointing, "max_batch_tokens": config.max_batch_tokens,
+        "largest_batch_tokens": max(r.get("largest_batch_tokens", 0) for r in history),
         "processes": processes.world, "device": str(device), "precision": precision, "precision_reason": why,
         "max_length": max_length,
         "peak_memory_mb": peak_memory_mb(device)})
@@ -192,6 +201,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # complete: adapter/ or model/ holds the result
         log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} "
             f"questions; run folder {out}")
+    tracking.log({"exact_match": metrics["exact_match"], "f1": metrics["f1"]}, step=steps[-1]["step"] if steps else 0)
+    tracking.finish()
     processes.barrier()
     return metrics
 

@@ -8,6 +8,7 @@ global batch (to float rounding).
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import threading
@@ -24,7 +25,8 @@ from loraqa import IGNORE_INDEX
 from loraqa.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from loraqa.config import Config
 from loraqa.distributed import Processes
-from loraqa.batching import collate_context_train, context_batches, context_groups, length_grouped_batches
+from loraqa.batching import (collate_context_train, context_batches, context_groups, length_grouped_batches,
+                             micro_batches, padded_tokens)
 from loraqa.features import Feature, collate_train, median_batch
 from loraqa.model import cache_kwarg
 from loraqa.precision import autocast
@@ -59,17 +61,46 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def _after_prefix(lm, batch: dict[str, torch.Tensor]) -> dict:
     """Run the shared prefixes; the inputs that continue each row from its group's prefix."""
     decoder = lm.get_decoder()
-    cache = {cache_kwarg(decoder): DynamicCache(config=lm.config)}
+    name, prefix_cache = cache_kwarg(decoder), SharedPrefixCache(config=lm.config)
     prefix_mask, row_prefix = batch["prefix_mask"], batch["row_prefix"]
     decoder(input_ids=batch["prefix_ids"], attention_mask=prefix_mask,
-            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **cache)
-    next(iter(cache.values())).reorder_cache(row_prefix)  # (G, ...) -> (B, ...): index_select, differentiable
+            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{name: prefix_cache})
+    cache = {name: prefix_cache.spread(row_prefix)}  # (G, ...) -> (B, ...): index_select, differentiable
     past_mask = prefix_mask[row_prefix]
     mask = batch["attention_mask"]
     # real tokens count 0, 1, ... across prefix and remainder (the remainder is right-padded)
     position_ids = past_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": batch["input_ids"], "attention_mask": torch.cat([past_mask, mask], dim=1),
             "position_ids": position_ids, **cache}
+
+
+class SharedPrefixCache(DynamicCache):
+    """A cache whose ``update`` does the same thing every time it is called with the same input, so
+    gradient checkpointing may recompute any layer and see what the first pass saw: the prefix's
+    cache stores each layer's keys and values (replacing, not appending); the rows' cache, made by
+    :meth:`spread`, returns the prefix's followed by the new ones without storing them."""
+
+    reading = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if self.reading:
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        layer.keys, layer.values = key_states, value_states
+        return key_states, value_states
+
+    def spread(self, row_prefix: torch.Tensor) -> SharedPrefixCache:
+        """A read-only cache for the rows: row i holds group ``row_prefix[i]``'s prefix. A new object,
+        as the prefix's layers may be recomputed (and call ``update`` here) after the rows' are."""
+        rows = copy.copy(self)
+        rows.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in rows.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[row_prefix], layer.values[row_prefix]
+        rows.reading = True
+        return rows
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -104,6 +135,11 @@ def _share(features: list[Feature], indices: list[int], processes: Processes, co
 def _computed_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (not padding) tokens the model runs: shared prefixes count once."""
     return int(batch["attention_mask"].sum()) + int(batch.get("prefix_mask", torch.zeros(0)).sum())
+
+
+def _no_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with no label: a backward pass that adds nothing (for a process with fewer micro-batches)."""
+    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
 
 
 def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -167,10 +203,10 @@ class _StopRequest:
 def train(model, train_features: list[Feature], eval_features: list[Feature], config: Config, *,
           pad_id: int, device: torch.device, precision: str, processes: Processes | None = None,
           on_epoch_end: Callable[[list[dict], list[dict]], None] = lambda history, steps: None,
-          progress: bool = True,
+          on_step_point: Callable[[dict], None] = lambda point: None, progress: bool = True,
           checkpoint_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
     """Train in place with ``config``'s settings; returns (history, steps): one row per epoch, and
-    the loss curve, one point per ``LOG_STEPS`` optimizer steps.
+    the loss curve, one point per ``LOG_STEPS`` optimizer steps (each also passed to ``on_step_point``).
 
     With ``checkpoint_dir``, a checkpoint is saved every ``config.save_steps`` optimizer steps (0:
     never mid-epoch), at every epoch end, and on Ctrl-C; a later call with the same arguments
@@ -201,6 +237,15 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
         state = load_checkpoint(saved[-1], model, optimizer, scheduler, scaler, processes.rank)
         processes.log(f"resuming from {saved[-1]} (epoch {state['epoch']}, step {state['step']})")
 
+    def step_batches(indices: list[int]) -> list[dict]:
+        mine = _share(train_features, indices, processes, config.group_by_passage)
+        return micro_batches(mine, collate, pad_id, config.max_batch_tokens)
+
+    largest = max(padded_tokens(p) for indices in plan(state["epoch"]) for p in step_batches(indices))
+    processes.log(f"largest batch this epoch: {largest:,} tokens with padding"
+                  + (f" (micro-batches of at most {config.max_batch_tokens:,})" if config.max_batch_tokens else "")
+                  + (", gradient checkpointing on" if config.gradient_checkpointing else ""))
+
     def save() -> None:
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, state["step"], model, optimizer, scheduler, scaler, state,
@@ -214,17 +259,23 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
                        unit="step", disable=not (progress and processes.is_main))
             start = time.perf_counter() - state["seconds"]
             for indices in batches[state["batch"]:]:
-                batch = {k: v.to(device) for k, v in collate(_share(train_features, indices, processes,
-                                                                    config.group_by_passage), pad_id).items()}
+                parts = [{k: v.to(device) for k, v in part.items()} for part in step_batches(indices)]
+                if config.max_batch_tokens:  # DDP: every process runs as many backward passes
+                    parts += [_no_labels(parts[0])] * (processes.max(len(parts)) - len(parts))
                 # one collective per step: global answer tokens, real tokens, and whether anyone got Ctrl-C
-                counts = processes.sum(torch.tensor([_answer_tokens(batch), _computed_tokens(batch),
+                counts = processes.sum(torch.tensor([sum(_answer_tokens(p) for p in parts),
+                                                     sum(_computed_tokens(p) for p in parts),
                                                      int(stop.requested)], dtype=torch.float64))
                 n_global = int(counts[0])
-                with autocast(device, precision):
-                    # DDP averages gradients over processes: scale by world / global tokens so the
-                    # update is the gradient of the global token-mean loss
-                    loss = loss_module(batch, scale=processes.world / max(n_global, 1))
-                scaler.scale(loss).backward()
+                loss = torch.zeros((), dtype=torch.float64, device=device)
+                for part in parts:  # micro-batches: gradients add up to the whole batch's
+                    with autocast(device, precision):
+                        # DDP averages gradients over processes: scale by world / global tokens so the
+                        # update is the gradient of the global token-mean loss
+                        part_loss = loss_module(part, scale=processes.world / max(n_global, 1))
+                    scaler.scale(part_loss).backward()
+                    loss += part_loss.detach()
+                    state["largest_batch_tokens"] = max(state.get("largest_batch_tokens", 0), padded_tokens(part))
                 if config.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -240,6 +291,8 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
                     state["steps"].append({"step": state["step"] + 1, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                                            "train_loss": state["window"][0] / max(state["window"][1], 1)})
                     state["window"] = [0.0, 0]
+                    if processes.is_main:
+                        on_step_point(state["steps"][-1])
                 state["loss_tokens"] += n_global
                 state["real_tokens"] += int(counts[1])
                 state["batch"] += 1
@@ -260,7 +313,7 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
                                               precision, processes) if eval_features else None,
                    "train_seconds": state["seconds"], "train_tokens": state["real_tokens"],
                    "train_tokens_per_second": state["real_tokens"] / max(state["seconds"], 1e-9),
-                   "lr": scheduler.get_last_lr()[0]}
+                   "lr": scheduler.get_last_lr()[0], "largest_batch_tokens": state.pop("largest_batch_tokens", 0)}
             state["history"].append(row)
             state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_tokens=0, real_tokens=0, seconds=0.0)
             save()
