@@ -33,14 +33,28 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("collate", [collate_train, collate_context_train], ids=["plain", "passage batches"])
-def test_checkpointing_recomputes_layers_and_keeps_the_loss_and_gradients(tiny_model_dir, tokenizer, examples, collate):
+def test_checkpointing_recomputes_layers_and_keeps_the_loss_and_gradients(tiny_model_dir, tokenizer, examples,
+                                                                         collate, arch):
     features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
     batch = collate(features, tokenizer.pad_token_id)
-    model = _lora(load_model(str(tiny_model_dir), dropout=0.0)).train()  # checkpointing acts in training mode
+    base = load_model(str(tiny_model_dir), dropout=0.0) if arch == "gpt2" else _tiny_llama(tokenizer)
+    model = _lora(base).train()  # checkpointing acts in training mode
     loss, grads = _loss_and_grads(model, batch)
     calls = []
-    attention = model.get_base_model().transformer.h[0].attn.c_attn
+    layer = model.get_base_model().get_decoder().layers[0] if arch == "llama" else model.get_base_model().transformer.h[0]
+    attention = layer.self_attn.q_proj if arch == "llama" else layer.attn.c_attn
     attention.register_forward_hook(lambda *a: calls.append(1))
     _loss_and_grads(model, batch)
     without = len(calls)

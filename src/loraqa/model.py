@@ -10,6 +10,7 @@ What this hides:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -142,6 +143,9 @@ def enable_gradient_checkpointing(model) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers then says it sets use_cache=False; the layers still use the cache they are given
+    logging.getLogger("transformers.modeling_layers").addFilter(
+        lambda record: "Caching is incompatible with gradient checkpointing" not in record.getMessage())
     if hasattr(lm, "activation_checkpointing_enable"):  # its name since transformers 5.x
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
