@@ -35,7 +35,9 @@ def test_crash_and_resume_equals_uninterrupted(tiny_model_dir, tokenizer, exampl
 
     def crashing_collate(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:  # 3 train steps, 1 eval-loss batch, step 4 (saved): crash in step 5
+        # 3 batches collated up front (the largest batch is logged), 3 train steps, 1 eval-loss batch,
+        # step 4 (saved): crash in step 5
+        if calls["n"] == 9:
             raise RuntimeError("simulated crash")
         return real_collate(*args, **kwargs)
 

@@ -5,6 +5,7 @@ examples:
   loraqa quickstart                     # no hub needed; ~15 minutes on 2 CPU cores
   loraqa train --config recommended --model HuggingFaceTB/SmolLM2-135M-Instruct --train-file train.jsonl --eval-file dev.csv --output-dir runs/mine
   loraqa ask --model M --adapter runs/mine/adapter --context "..." --question "..."
+  loraqa serve --model M --adapter runs/mine/adapter    # POST /answer, and a page at http://127.0.0.1:8000
 
 Settings: a preset (--config recommended; presets: recommended, gpt2-squad, cpu-small,
 compare-cpu, compare-gpt2) or a YAML file, then flags. `loraqa COMMAND --help` lists a command's flags.
@@ -92,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="the question (with --context or --context-file)")
     p.add_argument("--input", help="JSONL of {context, question, id?}; answers go to --output as JSONL")
     p.add_argument("--output", help="JSONL answers file for --input (default: standard output)")
+    p = sub.add_parser("serve", help="answer questions over HTTP (POST /answer, GET /health, a page at /)")
+    _add_config_flags(p, ASK_FLAGS, "serve")
+    p.add_argument("--adapter", help="PEFT adapter folder to apply to --model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most questions decoded together (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a request waits for others to share its batch (default: %(default)s)")
     return parser
 
 
@@ -204,8 +213,18 @@ def cmd_ask(args: argparse.Namespace) -> None:
         sys.stdout.write(lines)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from loraqa.pipeline import adapter_settings
+    from loraqa.serve import serve
+
+    saved = adapter_settings(args.adapter) if args.adapter else {}  # the same settings as `ask`
+    config = load_config(args.config, {**saved, **_settings(args, ASK_FLAGS)})
+    serve(config, args.adapter, args.host, args.port, args.max_batch_size, args.max_wait_ms)
+
+
 COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
-            "params": cmd_params, "compare": cmd_compare, "report": cmd_report, "merge": cmd_merge, "ask": cmd_ask}
+            "params": cmd_params, "compare": cmd_compare, "report": cmd_report, "merge": cmd_merge, "ask": cmd_ask,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

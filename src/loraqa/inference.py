@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from loraqa.config import Config
 from loraqa.data import DataError, Example
-from loraqa.features import build_eval_features
+from loraqa.features import Feature, FeatureStats, build_eval_features
 from loraqa.generate import predict
 from loraqa.lora import load_adapter
 from loraqa.distributed import Processes
@@ -55,18 +59,46 @@ def read_questions(path: str) -> list[Example]:
     return examples
 
 
-def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False) -> dict[str, str]:
-    """{id: answer} for each example, decoded in batches."""
+@dataclass
+class Answerer:
+    """A model loaded to answer questions: what ``ask`` and ``loraqa serve`` share (one decoder)."""
+    model: Any
+    tokenizer: Any
+    config: Config
+    max_length: int
+    device: torch.device
+    precision: str
+
+    def features(self, examples: list[Example]) -> tuple[list[Feature], FeatureStats]:
+        """Prompts within the token budget; contexts cut from the end where too long (counted)."""
+        return build_eval_features(self.tokenizer, examples, self.config.template, self.max_length,
+                                   self.config.max_new_tokens)
+
+    def decode(self, features: list[Feature], progress: bool = False) -> dict[str, str]:
+        """{feature id: answer}; questions on the same passage share its prefill."""
+        return predict(self.model, self.tokenizer, features, self.config.eval_batch_size, self.config.max_new_tokens,
+                       self.device, self.precision, progress, self.config.eval_batch_tokens)
+
+
+def load_answerer(config: Config, adapter: str | None, probe_examples: list[Example]) -> Answerer:
+    """Model (+ adapter) on this machine's device, in the precision ``inference_precision`` picks
+    (where ``auto`` needs a probe, it prefills a batch of ``probe_examples``' prompts)."""
     device = Processes.single().device
     model, tokenizer, _ = load_base(config)
     max_length = resolve_max_length(config, model, tokenizer)
     if adapter:
         model = load_adapter(model, adapter)
     model.to(device)
-    precision, _ = inference_precision(model, tokenizer, config, device, examples, max_length)
-    features, stats = build_eval_features(tokenizer, examples, config.template, max_length, config.max_new_tokens)
+    precision, _ = inference_precision(model, tokenizer, config, device, probe_examples, max_length)
+    return Answerer(model, tokenizer, config, max_length, device, precision)
+
+
+def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False) -> dict[str, str]:
+    """{id: answer} for each example, decoded in batches."""
+    answerer = load_answerer(config, adapter, examples)
+    features, stats = answerer.features(examples)
     if stats.windowed or stats.dropped:
-        log(f"{stats.windowed} contexts cut to fit {max_length} tokens; {stats.dropped} questions too long to answer")
-    answers = predict(model, tokenizer, features, config.eval_batch_size, config.max_new_tokens, device,
-                      precision, progress, config.eval_batch_tokens)
+        log(f"{stats.windowed} contexts cut to fit {answerer.max_length} tokens; "
+            f"{stats.dropped} questions too long to answer")
+    answers = answerer.decode(features, progress)
     return {ex.id: answers.get(ex.id, "") for ex in examples}
