@@ -16,6 +16,9 @@ ANSWER_BUCKETS = [(1, 1), (2, 3), (4, 6), (7, None)]          # words in the fir
 CONTEXT_BUCKETS = [(0, 99), (100, 149), (150, 199), (200, None)]  # words in the context
 
 
+NO_ANSWER = "no answer"  # the bucket of unanswerable questions (SQuAD v2.0)
+
+
 def question_type(question: str) -> str:
     """The first wh-word of the question ('how many'/'how much' before 'how'); else 'other'."""
     q = question.lower()
@@ -44,9 +47,11 @@ def analyse(examples: list[Example], predictions: dict[str, str], worst: int = 1
     empty = not_in_context = 0
     for ex in examples:
         pred = predictions.get(ex.id, "")
-        em, f1 = score_question(pred, ex.answers)
+        # an unanswerable question is right when the prediction is empty (the v2.0 rule)
+        em, f1 = score_question(pred, ex.answers) if ex.answerable else (float(not normalize_answer(pred)),) * 2
         groups["by_question_type"][question_type(ex.question)].append((em, f1))
-        groups["by_answer_words"][bucket_label(len(ex.answer.split()), ANSWER_BUCKETS)].append((em, f1))
+        answer_bucket = bucket_label(len(ex.answer.split()), ANSWER_BUCKETS) if ex.answerable else NO_ANSWER
+        groups["by_answer_words"][answer_bucket].append((em, f1))
         groups["by_context_words"][bucket_label(len(ex.context.split()), CONTEXT_BUCKETS)].append((em, f1))
         empty += not pred.strip()
         not_in_context += bool(pred.strip()) and normalize_answer(pred) not in normalize_answer(ex.context)
@@ -57,7 +62,7 @@ def analyse(examples: list[Example], predictions: dict[str, str], worst: int = 1
         "not_in_context_share": not_in_context / n,
     }
     orders = {"by_question_type": QUESTION_TYPES,
-              "by_answer_words": [bucket_label(lo, ANSWER_BUCKETS) for lo, _ in ANSWER_BUCKETS],
+              "by_answer_words": [bucket_label(lo, ANSWER_BUCKETS) for lo, _ in ANSWER_BUCKETS] + [NO_ANSWER],
               "by_context_words": [bucket_label(lo, CONTEXT_BUCKETS) for lo, _ in CONTEXT_BUCKETS]}
     for name, group in groups.items():
         result[name] = {

@@ -24,8 +24,9 @@ from loraqa.fetch import SMOLLM2
 from loraqa.runtime import keep_freed_memory
 
 TRAIN_FLAGS = list(fields())
-EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "dataset", "columns", "max_eval_examples", "template",
-              "max_length", "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "precision", "seed", "output_dir"]
+EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "dataset", "columns", "allow_unanswerable",
+              "max_eval_examples", "template", "max_length", "eval_batch_size", "eval_batch_tokens", "max_new_tokens",
+              "precision", "seed", "output_dir"]
 ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "eval_batch_size", "eval_batch_tokens",
              "max_new_tokens", "precision", "seed"]
 MERGE_FLAGS = ["model", "init", "tokenizer", "seed"]
@@ -66,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, EVAL_FLAGS, "evaluate")
     p.add_argument("--adapter", help="PEFT adapter folder (a run's adapter/) to apply to --model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p = sub.add_parser("score", help="EM/F1 of a predictions file, as evaluate-v1.1.py")
+    p = sub.add_parser("score", help="EM/F1 of a predictions file, as evaluate-v1.1.py (v2.0 data: evaluate-v2.0.py)")
     p.add_argument("data_file", help="the questions with their gold answers (SQuAD JSON, .jsonl, .csv, .parquet, ...)")
     p.add_argument("predictions_file", help="JSON object {question id: answer}")
+    p.add_argument("--na-prob-file", help="v2.0: JSON object {question id: probability of no answer}")
+    p.add_argument("--na-prob-thresh", type=float, default=1.0,
+                   help="v2.0: predict no answer above this probability (default: %(default)s)")
     p = sub.add_parser("params", help="trainable / total parameters")
     _add_config_flags(p, PARAMS_FLAGS, "params")
     p = sub.add_parser("compare", help="zero-shot vs LoRA vs full fine-tuning on the same data, with a report")
@@ -122,19 +126,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     run_evaluate(config, args.adapter, progress=not args.quiet)
 
 
+def _read_json_object(path: str, kind: type | tuple[type, ...], what: str) -> dict:
+    from loraqa.data import DataError
+
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in obj.values()):
+        raise DataError(f"{path}: must be a JSON object of question id -> {what}")
+    return obj
+
+
 def cmd_score(args: argparse.Namespace) -> None:
-    from loraqa.data import DataError, load_file
+    from loraqa.data import DataError, is_v2, load_file, squad_version
     from loraqa.metrics import squad_scores
 
-    examples = load_file(args.data_file, "validation")
-    try:
-        predictions = json.loads(Path(args.predictions_file).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataError(f"{args.predictions_file}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{args.predictions_file}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
-        raise DataError(f"{args.predictions_file}: must be a JSON object of question id -> answer string")
+    version = squad_version(args.data_file)  # None: not nested SQuAD JSON (flat rows may lack answers)
+    examples = load_file(args.data_file, "validation", allow_unanswerable=version is None)
+    predictions = _read_json_object(args.predictions_file, str, "answer string")
+    if is_v2({"version": version}) or not all(ex.answerable for ex in examples):
+        from loraqa.metrics_v2 import squad_v2_scores
+
+        na_probs = _read_json_object(args.na_prob_file, (int, float), "probability") if args.na_prob_file else None
+        missing = sum(ex.id not in predictions for ex in examples)
+        if missing:
+            print(f"{missing} questions have no prediction; as evaluate-v2.0.py, they are left out of the scores.",
+                  file=sys.stderr)
+        try:
+            scores = squad_v2_scores({ex.id: ex.answers for ex in examples}, predictions, na_probs, args.na_prob_thresh)
+        except ValueError as e:
+            raise DataError(f"{args.na_prob_file}: {e}") from None
+        print(json.dumps(scores))
+        return
+    if args.na_prob_file:
+        raise DataError(f"{args.data_file}: --na-prob-file scores SQuAD v2.0 data; "
+                        "this file has no unanswerable questions")
     scores = squad_scores({ex.id: ex.answers for ex in examples}, predictions)
     if scores["n_unanswered"]:
         print(f"{scores['n_unanswered']} unanswered questions will receive score 0.", file=sys.stderr)

@@ -45,6 +45,9 @@ class Config:
     max_eval_examples: int | None = _f(None, "keep the first N evaluation questions (file order)")
     template: str = _f(DEFAULT_TEMPLATE, "prompt template with {context} and {question}, once each")
     max_length: int | None = _f(None, "token budget for prompt + answer (default: the model's window)")
+    allow_unanswerable: bool = _f(False, "accept questions without answers (SQuAD v2.0 style); "
+                                         "v2.0 files allow them by themselves")
+    no_answer_text: str = _f("", "the training target of an unanswerable question ('' : EOS right after the cue)")
     # --- method ------------------------------------------------------------------------------
     method: str = _f("lora", "'lora' trains adapters; 'full' trains every weight",
                      choices=["lora", "full"])

@@ -1,4 +1,4 @@
-"""Question files and datasets -> a flat list of Examples; SQuAD v1.1's nested JSON is parsed here.
+"""Question files and datasets -> a flat list of Examples; SQuAD's nested JSON (v1.1, v2.0) is parsed here.
 
 ``load_examples`` picks the reader: SQuAD JSON here; JSON Lines, CSV, Parquet, ``save_to_disk``
 folders and hub datasets (flat rows in the hub ``squad`` schema) in ``records.py``.
@@ -30,13 +30,17 @@ class Example:
     title: str
     context: str
     question: str
-    answers: tuple[str, ...]  # every gold answer, in file order (duplicates kept, as in SQuAD)
+    answers: tuple[str, ...]  # every gold answer, in file order (duplicates kept); () when unanswerable
     answer_starts: tuple[int, ...] = field(default=())  # character offsets into context
 
     @property
+    def answerable(self) -> bool:
+        return bool(self.answers)
+
+    @property
     def answer(self) -> str:
-        """The training target: the first gold answer."""
-        return self.answers[0]
+        """The training target: the first gold answer ("" for an unanswerable question)."""
+        return self.answers[0] if self.answers else ""
 
 
 def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -51,8 +55,36 @@ def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> A
     return value
 
 
-def parse_squad(obj: Any, source: str) -> list[Example]:
-    """Flatten an official-format SQuAD v1.1 object; ``source`` names it in errors."""
+def is_v2(obj: Any) -> bool:
+    """Whether a SQuAD JSON object says it is v2.0 (which has unanswerable questions)."""
+    return isinstance(obj, dict) and obj.get("version") in ("v2.0", "2.0")
+
+
+def _spans(answers: list, context: str, where: str, key: str) -> tuple[list[str], list[int]]:
+    """Texts and starts of ``answers`` (or ``plausible_answers``), each checked against the context."""
+    texts, starts = [], []
+    for i, ans in enumerate(answers):
+        text = _require(ans, "text", str, f"{where}, {key}[{i}]")
+        start = _require(ans, "answer_start", int, f"{where}, {key}[{i}]")
+        if not text.strip():
+            raise DataError(f"{where}, {key}[{i}]: field 'text' is empty")
+        if start < 0 or context[start : start + len(text)] != text:
+            raise DataError(
+                f"{where}, {key}[{i}]: field 'answer_start'={start} does not point at "
+                f"{text!r} (context there: {context[start:start + len(text)]!r})")
+        texts.append(text)
+        starts.append(start)
+    return texts, starts
+
+
+def parse_squad(obj: Any, source: str, *, allow_unanswerable: bool = False) -> list[Example]:
+    """Flatten an official-format SQuAD v1.1 or v2.0 object; ``source`` names it in errors.
+
+    Questions without answers (v2.0's ``is_impossible``) are kept, with ``answers == ()``, when the
+    file says v2.0 or ``allow_unanswerable`` is set; v2.0's ``plausible_answers`` are checked like
+    answers but never used as gold.
+    """
+    allow_unanswerable = allow_unanswerable or is_v2(obj)
     examples: list[Example] = []
     seen: set[str] = set()
     for a, article in enumerate(_require(obj, "data", list, source)):
@@ -73,20 +105,17 @@ def parse_squad(obj: Any, source: str) -> list[Example]:
                 if not question.strip():
                     raise DataError(f"{where}: field 'question' is empty")
                 answers = _require(qa, "answers", list, where)
-                if not answers:
-                    raise DataError(f"{where}: field 'answers' is empty (SQuAD v1.1 has no unanswerable questions)")
-                texts, starts = [], []
-                for i, ans in enumerate(answers):
-                    text = _require(ans, "text", str, f"{where}, answers[{i}]")
-                    start = _require(ans, "answer_start", int, f"{where}, answers[{i}]")
-                    if not text.strip():
-                        raise DataError(f"{where}, answers[{i}]: field 'text' is empty")
-                    if start < 0 or context[start : start + len(text)] != text:
-                        raise DataError(
-                            f"{where}, answers[{i}]: field 'answer_start'={start} does not point at "
-                            f"{text!r} (context there: {context[start:start + len(text)]!r})")
-                    texts.append(text)
-                    starts.append(start)
+                if not answers and not allow_unanswerable:
+                    raise DataError(f"{where}: field 'answers' is empty (SQuAD v1.1 has no unanswerable questions; "
+                                    "--allow-unanswerable or a v2.0 file allows them)")
+                impossible = qa.get("is_impossible", False)
+                if not isinstance(impossible, bool):
+                    raise DataError(f"{where}: field 'is_impossible' must be bool, got {type(impossible).__name__}")
+                if impossible and answers:
+                    raise DataError(f"{where}: 'is_impossible' is true but field 'answers' is not empty")
+                if "plausible_answers" in qa:
+                    _spans(_require(qa, "plausible_answers", list, where), context, where, "plausible_answers")
+                texts, starts = _spans(answers, context, where, "answers")
                 examples.append(Example(qid, title, context, question, tuple(texts), tuple(starts)))
     return examples
 
@@ -102,8 +131,9 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read: {e}") from None
 
 
-def load_squad_file(path: str | Path, columns: dict[str, str] | None = None) -> list[Example]:
-    """SQuAD v1.1 JSON (``.json`` or ``.json.gz``); a top-level array is read as flat records."""
+def load_squad_file(path: str | Path, columns: dict[str, str] | None = None, *,
+                    allow_unanswerable: bool = False) -> list[Example]:
+    """SQuAD v1.1/v2.0 JSON (``.json`` or ``.json.gz``); a top-level array is read as flat records."""
     path = Path(path)
     try:
         obj = json.loads(read_text(path))
@@ -112,10 +142,23 @@ def load_squad_file(path: str | Path, columns: dict[str, str] | None = None) -> 
     if isinstance(obj, list):
         from loraqa.records import to_examples
 
-        return to_examples(((f"row {i}", row) for i, row in enumerate(obj)), str(path), columns)
+        return to_examples(((f"row {i}", row) for i, row in enumerate(obj)), str(path), columns,
+                           allow_unanswerable=allow_unanswerable)
     if columns:
         raise DataError(f"{path}: --columns maps the columns of flat records, and SQuAD's nested JSON has none")
-    return parse_squad(obj, str(path))
+    return parse_squad(obj, str(path), allow_unanswerable=allow_unanswerable)
+
+
+def squad_version(path: str | Path) -> str | None:
+    """The ``version`` of a nested SQuAD JSON file ("" when it has none); None for other formats."""
+    path = Path(path)
+    if not path.name.lower().endswith((".json", ".json.gz")):
+        return None
+    try:
+        obj = json.loads(read_text(path))
+    except (DataError, json.JSONDecodeError):
+        return None  # loading the file reports why
+    return str(obj.get("version", "")) if isinstance(obj, dict) else None
 
 
 def examples_from_rows(rows: Iterable[dict[str, Any]], source: str) -> list[Example]:
@@ -125,36 +168,38 @@ def examples_from_rows(rows: Iterable[dict[str, Any]], source: str) -> list[Exam
     return to_examples(((f"row {i}", row) for i, row in enumerate(rows)), source)
 
 
-def load_file(path: str | Path, split: str, columns: dict[str, str] | None = None) -> list[Example]:
+def load_file(path: str | Path, split: str, columns: dict[str, str] | None = None, *,
+              allow_unanswerable: bool = False) -> list[Example]:
     """Any of ``FORMATS``, told apart by the name's ending; ``split`` picks from a DatasetDict folder."""
     from loraqa import records
 
     path = Path(path)
     name = path.name.lower()
+    allow = {"allow_unanswerable": allow_unanswerable}
     if name.endswith((".json", ".json.gz")):
-        return load_squad_file(path, columns)
+        return load_squad_file(path, columns, **allow)
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return records.read_jsonl(path, columns)
+        return records.read_jsonl(path, columns, **allow)
     if name.endswith((".csv", ".csv.gz")):
-        return records.read_csv(path, columns)
+        return records.read_csv(path, columns, **allow)
     if name.endswith(".parquet"):
-        return records.read_parquet(path, columns)
+        return records.read_parquet(path, columns, **allow)
     if path.is_dir():
-        return records.read_folder(path, split, columns)
+        return records.read_folder(path, split, columns, **allow)
     if not path.exists():
         raise DataError(f"{path}: no such file")
     raise DataError(f"{path}: unknown format; give {FORMATS}")
 
 
 def load_examples(path: str | None, split: str, limit: int | None = None, *, dataset: str | None = None,
-                  columns: dict[str, str] | None = None) -> list[Example]:
+                  columns: dict[str, str] | None = None, allow_unanswerable: bool = False) -> list[Example]:
     """``path`` when given, else the hub ``dataset``'s ``split`` (rajpurkar/squad); then the first ``limit``."""
     if path:
-        examples = load_file(path, split, columns)
+        examples = load_file(path, split, columns, allow_unanswerable=allow_unanswerable)
     else:
         from loraqa.records import read_hub
 
-        examples = read_hub(dataset or HUB_DATASET, split, columns)
+        examples = read_hub(dataset or HUB_DATASET, split, columns, allow_unanswerable=allow_unanswerable)
     if limit is not None:
         examples = examples[:limit]
     if not examples:

@@ -12,6 +12,7 @@ from loraqa.distributed import Processes
 from loraqa.features import build_eval_features
 from loraqa.generate import predict
 from loraqa.metrics import squad_scores
+from loraqa.metrics_v2 import squad_v2_scores
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_length: int,
@@ -31,7 +32,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
     generated = dict(processes.gather(list(mine.items())))
     seconds = time.perf_counter() - start
     predictions = {ex.id: generated.get(ex.id, "") for ex in examples}  # file order
-    metrics = squad_scores({ex.id: ex.answers for ex in examples}, predictions)
+    metrics = score(examples, predictions)
     metrics.update({
         "eval_seconds": seconds,
         "eval_questions_per_second": len(features) / seconds if seconds > 0 else 0.0,
@@ -41,3 +42,15 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
         "analysis": analyse(examples, predictions),
     })
     return predictions, metrics
+
+
+def score(examples: list[Example], predictions: dict[str, str]) -> dict:
+    """The official v1.1 scores; with unanswerable questions, the v2.0 ones (``exact_match`` and ``f1``
+    are then v2.0's ``exact`` and ``f1``, and ``squad_v2`` holds the whole v2.0 dict)."""
+    golds = {ex.id: ex.answers for ex in examples}
+    if all(ex.answerable for ex in examples):
+        return squad_scores(golds, predictions)
+    v2 = squad_v2_scores(golds, predictions)
+    return {"exact_match": v2["exact"], "f1": v2["f1"], "n_questions": len(examples),
+            "n_unanswered": sum(ex.id not in predictions for ex in examples), "squad_v2": v2}
+

@@ -79,15 +79,28 @@ def encode_prompt(tokenizer, example: Example, template: str, budget: int,
 
 
 def target_ids(tokenizer, answer: str) -> list[int]:
+    """' answer' + EOS; an empty answer (no answer) is EOS alone, not ' ' + EOS."""
+    if not answer.strip():
+        return [tokenizer.eos_token_id]
     return tokenizer(format_target(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def build_train_features(tokenizer, examples: list[Example], template: str,
-                         max_length: int) -> tuple[list[Feature], FeatureStats]:
-    """Prompt + ' answer' + EOS per example (first gold answer), at most ``max_length`` tokens."""
+def build_train_features(tokenizer, examples: list[Example], template: str, max_length: int,
+                         no_answer_text: str = "") -> tuple[list[Feature], FeatureStats]:
+    """Prompt + ' answer' + EOS per example (first gold answer), at most ``max_length`` tokens.
+
+    An unanswerable example's target is ``no_answer_text`` ('' : EOS right after the prompt); it
+    has no answer span to keep, so its context is cut from the end, as at evaluation.
+    """
     stats = FeatureStats(examples=len(examples))
     features = []
     for ex in examples:
+        if not ex.answerable:
+            target = target_ids(tokenizer, no_answer_text)
+            prompt = stats.count(ex.id, encode_prompt(tokenizer, ex, template, max_length - len(target)))
+            if prompt is not None:
+                features.append(Feature(ex.id, prompt + target, len(prompt)))
+            continue
         target = target_ids(tokenizer, ex.answer)
         start = ex.answer_starts[0]
         prompt = stats.count(ex.id, encode_prompt(tokenizer, ex, template, max_length - len(target),

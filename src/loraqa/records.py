@@ -56,15 +56,18 @@ def stable_id(title: str, context: str, question: str) -> str:
 
 
 def to_examples(rows: Rows, source: str, columns: dict[str, str] | None = None,
-                header: Sequence[str] | None = None) -> list[Example]:
-    """Check each ``(where, row)`` and convert it; ``header`` (a table's columns) is checked first."""
+                header: Sequence[str] | None = None, *, allow_unanswerable: bool = False) -> list[Example]:
+    """Check each ``(where, row)`` and convert it; ``header`` (a table's columns) is checked first.
+
+    With ``allow_unanswerable``, empty ``answers`` lists (or an empty ``answer``) mean "no answer".
+    """
     names = {f: f for f in FIELDS} | (parse_columns(columns) or {})
     if header is not None:
         _check_header(list(header), names, columns or {}, source)
     examples: list[Example] = []
     seen: dict[str, tuple[str, bool]] = {}  # id -> (where, made by stable_id)
     for where, row in rows:
-        example, made = _example(row, names, f"{source}: {where}")
+        example, made = _example(row, names, f"{source}: {where}", allow_unanswerable)
         if example.id in seen:
             first, first_made = seen[example.id]
             if made and first_made:
@@ -110,7 +113,7 @@ def _text(row: dict, names: dict[str, str], field: str, where: str) -> str:
     return value
 
 
-def _example(row: Any, names: dict[str, str], where: str) -> tuple[Example, bool]:
+def _example(row: Any, names: dict[str, str], where: str, allow_unanswerable: bool = False) -> tuple[Example, bool]:
     """One row -> (its Example, whether its id was made by ``stable_id``)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with fields {', '.join(FIELDS)}, got {type(row).__name__}")
@@ -128,15 +131,18 @@ def _example(row: Any, names: dict[str, str], where: str) -> tuple[Example, bool
         raise DataError(f"{where}: field {_name(names, 'title')} must be str, got {type(title).__name__}")
     if made:
         qid = stable_id(title, context, question)
-    texts, starts = _answers(row, names, context, where)
+    texts, starts = _answers(row, names, context, where, allow_unanswerable)
     return Example(qid, title, context, question, texts, starts), made
 
 
-def _answers(row: dict, names: dict[str, str], context: str, where: str) -> tuple[tuple, tuple]:
+def _answers(row: dict, names: dict[str, str], context: str, where: str,
+             allow_unanswerable: bool = False) -> tuple[tuple, tuple]:
     """``answers`` (texts and starts, checked) or else ``answer`` (found in the context)."""
     value = _get(row, names["answers"])
     if value is None:
         answer = _get(row, names["answer"])
+        if answer is None and allow_unanswerable and names["answer"] in row:  # an empty answer: none
+            return (), ()
         if answer is None:
             raise DataError(f"{where}: no answer: give field {_name(names, 'answers')} or {_name(names, 'answer')}")
         if not isinstance(answer, str) or not answer.strip():
@@ -159,7 +165,10 @@ def _answers(row: dict, names: dict[str, str], context: str, where: str) -> tupl
     if len(texts) != len(starts):
         raise DataError(f"{where} has {len(texts)} texts but {len(starts)} answer_starts")
     if not texts:
-        raise DataError(f"{where} is empty (SQuAD v1.1 has no unanswerable questions)")
+        if allow_unanswerable:
+            return (), ()
+        raise DataError(f"{where} is empty (SQuAD v1.1 has no unanswerable questions; "
+                        "--allow-unanswerable accepts them)")
     for i, (text, start) in enumerate(zip(texts, starts)):
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: text[{i}] must be a non-empty str, got {text!r}")
@@ -171,11 +180,13 @@ def _answers(row: dict, names: dict[str, str], context: str, where: str) -> tupl
     return tuple(texts), tuple(starts)
 
 
-def _table(rows: Iterable[dict], header: Sequence[str], source: str, columns: dict | None) -> list[Example]:
-    return to_examples(((f"row {i}", row) for i, row in enumerate(rows)), source, columns, header)
+def _table(rows: Iterable[dict], header: Sequence[str], source: str, columns: dict | None,
+           allow_unanswerable: bool = False) -> list[Example]:
+    return to_examples(((f"row {i}", row) for i, row in enumerate(rows)), source, columns, header,
+                       allow_unanswerable=allow_unanswerable)
 
 
-def read_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[Example]:
+def read_jsonl(path: Path, columns: dict[str, str] | None = None, *, allow_unanswerable: bool = False) -> list[Example]:
     """One JSON object per line; blank lines are skipped."""
     def rows() -> Rows:
         # split on "\n" only: JSON text may hold a raw U+2028, which str.splitlines would split on
@@ -185,10 +196,10 @@ def read_jsonl(path: Path, columns: dict[str, str] | None = None) -> list[Exampl
                     yield f"line {n}", json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {n}: not valid JSON (column {e.colno}: {e.msg})") from None
-    return to_examples(rows(), str(path), columns)
+    return to_examples(rows(), str(path), columns, allow_unanswerable=allow_unanswerable)
 
 
-def read_csv(path: Path, columns: dict[str, str] | None = None) -> list[Example]:
+def read_csv(path: Path, columns: dict[str, str] | None = None, *, allow_unanswerable: bool = False) -> list[Example]:
     """A header row, then one record per row; ``answers`` is JSON text."""
     reader = csv.DictReader(io.StringIO(read_text(path).removeprefix("\ufeff"), newline=""))  # Excel's BOM
     try:
@@ -206,10 +217,11 @@ def read_csv(path: Path, columns: dict[str, str] | None = None) -> list[Example]
                 start = reader.line_num + 1
         except csv.Error as e:
             raise DataError(f"{path}: line {reader.line_num}: not valid CSV: {e}") from None
-    return to_examples(rows(), str(path), columns, header)
+    return to_examples(rows(), str(path), columns, header, allow_unanswerable=allow_unanswerable)
 
 
-def read_parquet(path: Path, columns: dict[str, str] | None = None) -> list[Example]:
+def read_parquet(path: Path, columns: dict[str, str] | None = None, *,
+                 allow_unanswerable: bool = False) -> list[Example]:
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -219,10 +231,11 @@ def read_parquet(path: Path, columns: dict[str, str] | None = None) -> list[Exam
         raise DataError(f"{path}: no such file") from None
     except (OSError, pyarrow.ArrowException) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-    return _table(table.to_pylist(), table.column_names, str(path), columns)
+    return _table(table.to_pylist(), table.column_names, str(path), columns, allow_unanswerable)
 
 
-def read_folder(path: Path, split: str, columns: dict[str, str] | None = None) -> list[Example]:
+def read_folder(path: Path, split: str, columns: dict[str, str] | None = None, *,
+                allow_unanswerable: bool = False) -> list[Example]:
     """A folder written by ``Dataset.save_to_disk``, or ``DatasetDict.save_to_disk`` (then ``split``)."""
     import datasets
 
@@ -240,10 +253,11 @@ def read_folder(path: Path, split: str, columns: dict[str, str] | None = None) -
         dataset = datasets.load_from_disk(str(path))
     except (OSError, ValueError) as e:
         raise DataError(f"{source}: cannot load it with datasets.load_from_disk: {e}") from None
-    return _table(dataset, dataset.column_names, source, columns)
+    return _table(dataset, dataset.column_names, source, columns, allow_unanswerable)
 
 
-def read_hub(name: str, split: str, columns: dict[str, str] | None = None) -> list[Example]:
+def read_hub(name: str, split: str, columns: dict[str, str] | None = None, *,
+             allow_unanswerable: bool = False) -> list[Example]:
     """``split`` of a hub dataset in the ``squad`` schema (needs network access the first time)."""
     import datasets
     from huggingface_hub import constants
@@ -259,4 +273,4 @@ def read_hub(name: str, split: str, columns: dict[str, str] | None = None) -> li
         dataset = datasets.load_dataset(name, split=split)
     except (OSError, ConnectionError, ValueError) as e:  # not found, offline, no such split
         raise DataError(f"{source}: cannot load it from the hub: {' '.join(str(e).split())}") from None
-    return _table(dataset, dataset.column_names, source, columns)
+    return _table(dataset, dataset.column_names, source, columns, allow_unanswerable)
