@@ -5,6 +5,7 @@ A run folder holds plain files that need no torch to read:
     steps.jsonl        the loss curve, a point every 10 optimizer steps
     predictions.json   {question id: answer}      metrics.json    scores, sizes, times, counts
     adapter/           PEFT adapter (LoRA)   or   model/          full model + tokenizer (full)
+    tensorboard/       event files, with --report-to tensorboard
 """
 
 from __future__ import annotations
@@ -138,12 +139,16 @@ def run_train(config: Config, progress: bool = True) -> dict:
     model, tokenizer, base_total = load_base(config)
     max_length = resolve_max_length(config, model, tokenizer)
     train_examples = load_examples(config.train_file, "train", config.max_train_examples,
-                                   dataset=config.dataset, columns=config.columns)
+                                   dataset=config.dataset, columns=config.columns,
+                                   allow_unanswerable=config.allow_unanswerable)
     eval_examples = load_examples(config.eval_file, "validation", config.max_eval_examples,
-                                  dataset=config.dataset, columns=config.columns)
-    train_features, train_stats = build_train_features(tokenizer, train_examples, config.template, max_length)
+                                  dataset=config.dataset, columns=config.columns,
+                                  allow_unanswerable=config.allow_unanswerable)
+    train_features, train_stats = build_train_features(tokenizer, train_examples, config.template, max_length,
+                                                       no_answer_text=config.no_answer_text)
     eval_loss_features, eval_loss_stats = build_train_features(
-        tokenizer, eval_examples[:config.eval_loss_examples], config.template, max_length)
+        tokenizer, eval_examples[:config.eval_loss_examples], config.template, max_length,
+        no_answer_text=config.no_answer_text)
     if processes.is_main:
         _report_features("train", train_stats)
         _report_features("eval loss", eval_loss_stats)
@@ -242,7 +247,8 @@ def run_evaluate(config: Config, adapter: str | None = None, progress: bool = Tr
         model = load_adapter(model, adapter)
     model.to(device)
     examples = load_examples(config.eval_file, "validation", config.max_eval_examples,
-                             dataset=config.dataset, columns=config.columns)
+                             dataset=config.dataset, columns=config.columns,
+                             allow_unanswerable=config.allow_unanswerable)
     precision, why = inference_precision(model, tokenizer, config, device, examples, max_length)
     predictions, metrics = evaluate(
         model, tokenizer, examples, template=config.template, max_length=max_length,
