@@ -75,6 +75,12 @@ def load_base(config: Config):
     return model, tokenizer, count_parameters(model)[1]
 
 
+def config_examples(config: Config, path: str | None, split: str, limit: int | None):
+    """``load_examples`` with the settings' data options (hub dataset, column names, unanswerable)."""
+    return load_examples(path, split, limit, dataset=config.dataset, columns=config.columns,
+                         allow_unanswerable=config.allow_unanswerable)
+
+
 def inference_precision(model, tokenizer, config: Config, device: torch.device, examples, max_length: int):
     """(precision, why) for answering ``examples``; every linear weight is stored in it (nothing
     trains). A probe, where ``auto`` needs one, prefills a batch of their prompts."""
@@ -119,6 +125,11 @@ def claim_output_dir(config: Config) -> Path:
     return out
 
 
+def last_step(steps: list[dict]) -> int:
+    """The optimizer step of the loss curve's newest point (0 before the first)."""
+    return steps[-1]["step"] if steps else 0
+
+
 def write_curves(out: Path, history: list[dict], steps: list[dict]) -> None:
     write_jsonl_atomic(out / "history.jsonl", history)
     write_jsonl_atomic(out / "steps.jsonl", steps)
@@ -138,12 +149,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
     device = processes.device
     model, tokenizer, base_total = load_base(config)
     max_length = resolve_max_length(config, model, tokenizer)
-    train_examples = load_examples(config.train_file, "train", config.max_train_examples,
-                                   dataset=config.dataset, columns=config.columns,
-                                   allow_unanswerable=config.allow_unanswerable)
-    eval_examples = load_examples(config.eval_file, "validation", config.max_eval_examples,
-                                  dataset=config.dataset, columns=config.columns,
-                                  allow_unanswerable=config.allow_unanswerable)
+    train_examples = config_examples(config, config.train_file, "train", config.max_train_examples)
+    eval_examples = config_examples(config, config.eval_file, "validation", config.max_eval_examples)
     train_features, train_stats = build_train_features(tokenizer, train_examples, config.template, max_length,
                                                        no_answer_text=config.no_answer_text)
     eval_loss_features, eval_loss_stats = build_train_features(
@@ -175,7 +182,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
         eval_loss = "not scored" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
         log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, eval loss {eval_loss}")
         tracking.log({"eval_loss": row["eval_loss"], "epoch_train_loss": row["train_loss"], "epoch": row["epoch"]},
-                     step=steps[-1]["step"] if steps else 0)
+                     step=last_step(steps))
 
     history, steps = train(model, train_features, eval_loss_features, config, pad_id=tokenizer.pad_token_id,
                     device=device, precision=precision, processes=processes, on_epoch_end=on_epoch_end,
@@ -206,7 +213,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # complete: adapter/ or model/ holds the result
         log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} "
             f"questions; run folder {out}")
-    tracking.log({"exact_match": metrics["exact_match"], "f1": metrics["f1"]}, step=steps[-1]["step"] if steps else 0)
+    tracking.log({"exact_match": metrics["exact_match"], "f1": metrics["f1"]}, step=last_step(steps))
     tracking.finish()
     processes.barrier()
     return metrics
@@ -246,9 +253,7 @@ def run_evaluate(config: Config, adapter: str | None = None, progress: bool = Tr
     if adapter:
         model = load_adapter(model, adapter)
     model.to(device)
-    examples = load_examples(config.eval_file, "validation", config.max_eval_examples,
-                             dataset=config.dataset, columns=config.columns,
-                             allow_unanswerable=config.allow_unanswerable)
+    examples = config_examples(config, config.eval_file, "validation", config.max_eval_examples)
     precision, why = inference_precision(model, tokenizer, config, device, examples, max_length)
     predictions, metrics = evaluate(
         model, tokenizer, examples, template=config.template, max_length=max_length,
