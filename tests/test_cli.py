@@ -60,3 +60,11 @@ def test_score_is_the_official_script(tmp_path, capsys):
 def test_params(tiny_model_dir, capsys):
     assert main(["params", "--model", str(tiny_model_dir), "--init", "random"]) == 0
     assert json.loads(capsys.readouterr().out)["trainable_params"] == 2048
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "compare", "ask", "serve", "merge", "quickstart"])
+def test_every_help_page_renders(command, capsys):
+    """argparse formats help strings with %: a bare % in one broke --help for train and compare."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and "usage: loraqa" in capsys.readouterr().out

@@ -23,7 +23,7 @@ def test_generation_matches_transformers_greedy(tiny_model, tokenizer, examples)
     features, _ = build_eval_features(tokenizer, examples[:1], DEFAULT_TEMPLATE, 512, 10)
     ids = torch.tensor([features[0].input_ids])
     mask = torch.ones_like(ids)
-    ours = greedy_generate(tiny_model.eval(), ids, mask, 10, torch.tensor([-1]), tokenizer.pad_token_id)
+    ours, _ = greedy_generate(tiny_model.eval(), ids, mask, 10, torch.tensor([-1]), tokenizer.pad_token_id)
     theirs = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
     assert ours[0].tolist() == theirs[0, ids.shape[1]:].tolist()

@@ -11,7 +11,8 @@ from loraqa.cli import main
 from loraqa.config import DEFAULT_TEMPLATE, Config
 from loraqa.features import build_train_features, collate_train
 from loraqa.lora import add_lora
-from loraqa.model import enable_gradient_checkpointing, load_model
+from loraqa.model import load_model
+from loraqa.recompute import enable_gradient_checkpointing
 from loraqa.train import causal_lm_loss, train
 
 CPU = torch.device("cpu")
@@ -106,3 +107,28 @@ def test_both_settings_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["gradient_checkpointing"] is True and metrics["max_batch_tokens"] == 300
     assert 0 < metrics["largest_batch_tokens"] <= 300
+
+
+def test_checkpointing_replays_lora_dropout_masks_without_drawing_them_again(tiny_model_dir, tokenizer, examples):
+    from torch.profiler import profile
+
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
+    batch = collate_train(features, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = add_lora(load_model(str(tiny_model_dir), dropout=0.0), lora_dropout=0.3, target_modules=["all-linear"])
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    model.train()
+    torch.manual_seed(1)
+    loss, grads = _loss_and_grads(model, batch)  # torch's own dropout
+    replayed = enable_gradient_checkpointing(model)
+    assert replayed == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 layers
+    torch.manual_seed(1)
+    with profile() as prof:
+        checkpointed_loss, checkpointed_grads = _loss_and_grads(model, batch)
+    draws = sum(e.count for e in prof.key_averages() if e.key == "aten::bernoulli_")
+    assert draws == replayed  # once per dropout in the forward; the backward's replay reuses the bits
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=1e-6, atol=1e-7)  # the same masks
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

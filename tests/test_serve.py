@@ -68,6 +68,7 @@ def test_answers_equal_ask_one_at_a_time_and_together(server, config, examples):
     expected = ask(config, None, examples)
     status, one = request(f"{server}/answer", {"context": examples[0].context, "question": examples[0].question})
     assert status == 200 and one["answer"] == expected[examples[0].id] and one["seconds"] >= 0
+    assert one["no_answer"] is (one["answer"] == "")
     with ThreadPoolExecutor(len(examples)) as pool:  # every question at once, several per passage
         replies = list(pool.map(lambda ex: request(f"{server}/answer", {"context": ex.context, "question": ex.question}),
                                 examples))
@@ -123,7 +124,7 @@ def test_the_batcher_takes_whole_passages_oldest_first_within_its_bound():
     class Recorder:  # stands in for Answerer: records what is decoded together
         batches = []
 
-        def decode(self, features):
+        def decode(self, features, progress=False, contexts=None):
             time.sleep(0.2)
             self.batches.append([f.input_ids[0] for f in features])
             return {f.id: str(f.input_ids[0]) for f in features}

@@ -166,3 +166,73 @@ def test_train_and_evaluate_on_a_v2_file_score_with_the_v2_rules(tiny_model_dir,
     predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
     no_ans_right = sum(not predictions[q].strip() for q in ("q2", "q5"))  # tiny model: whatever it says
     assert v2["NoAns_exact"] == pytest.approx(100 * no_ans_right / 2)
+
+
+def test_no_answer_probability_is_the_first_step_probability_of_eos(tiny_model, tokenizer, examples):
+    import torch
+
+    from loraqa.features import build_eval_features
+    from loraqa.generate import predict
+
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
+    na_probs: dict[str, float] = {}
+    predict(tiny_model, tokenizer, features, batch_size=4, max_new_tokens=6, device=torch.device("cpu"),
+            progress=False, na_probs=na_probs)
+    assert set(na_probs) == {f.id for f in features}
+    with torch.no_grad():  # each prompt alone, no padding, no shared prefix
+        alone = {f.id: tiny_model(torch.tensor([f.input_ids])).logits[0, -1].softmax(-1)[tokenizer.eos_token_id].item()
+                 for f in features}
+    assert na_probs == pytest.approx(alone, rel=1e-4, abs=1e-7)
+
+
+def test_the_no_answer_phrase_is_the_empty_answer(tiny_model, tokenizer, examples):
+    import torch
+
+    from loraqa.features import build_eval_features, no_answer_token, target_ids
+    from loraqa.generate import predict
+
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
+    run = dict(model=tiny_model, tokenizer=tokenizer, features=features, batch_size=4, max_new_tokens=6,
+               device=torch.device("cpu"), progress=False)
+    plain = predict(**run)
+    said = next(a for a in plain.values() if a)  # whatever the tiny model says, taken as its "no answer"
+    na_probs: dict[str, float] = {}
+    mapped = predict(**run, no_answer_text=said, na_probs=na_probs)
+    assert mapped == {k: "" if a == said else a for k, a in plain.items()}
+    assert no_answer_token(tokenizer, said) == target_ids(tokenizer, said)[0] != tokenizer.eos_token_id
+    assert no_answer_token(tokenizer) == tokenizer.eos_token_id and all(0 <= p <= 1 for p in na_probs.values())
+
+
+def test_train_on_v2_writes_na_probs_that_score_gives_the_same_best_thresholds(tiny_model_dir, tmp_path, capsys):
+    from loraqa.pipeline import adapter_settings
+
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(_v2()))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--train-file", str(path), "--eval-file", str(path),
+                 "--epochs", "1", "--max-length", "128", "--max-new-tokens", "4", "--precision", "fp32",
+                 "--no-answer-text", "unknown", "--output-dir", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((run / "metrics.json").read_text())
+    na_probs = json.loads((run / "na_probs.json").read_text())
+    assert set(na_probs) == {f"q{i}" for i in range(1, 7)} and all(0 <= p <= 1 for p in na_probs.values())
+    assert main(["score", str(path), str(run / "predictions.json"), "--na-prob-file", str(run / "na_probs.json")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored == pytest.approx(metrics["squad_v2"]) and "best_f1_thresh" in scored
+    assert adapter_settings(run / "adapter")["no_answer_text"] == "unknown"  # ask and serve map it to ""
+
+
+def test_ask_marks_no_answer(tiny_model_dir, tmp_path, capsys):
+    common = ["ask", "--model", str(tiny_model_dir), "--max-new-tokens", "5", "--precision", "fp32"]
+    question = ["--context", "The mill was rebuilt in 1887.", "--question", "When?"]
+    assert main([*common, *question]) == 0
+    said = capsys.readouterr().out.strip()
+    if not said:
+        pytest.skip("the tiny model said nothing here")
+    assert main([*common, *question, "--no-answer-text", said]) == 0  # its answer taken as its "no answer"
+    out = capsys.readouterr()
+    assert out.out == "\n" and "no answer" in out.err
+    rows = tmp_path / "q.jsonl"
+    rows.write_text(json.dumps({"context": "The mill was rebuilt in 1887.", "question": "When?"}) + "\n")
+    assert main([*common, "--input", str(rows), "--no-answer-text", said]) == 0
+    assert json.loads(capsys.readouterr().out) == {"id": "1", "question": "When?", "answer": "", "no_answer": True}

@@ -25,11 +25,12 @@ from loraqa.runtime import keep_freed_memory
 
 TRAIN_FLAGS = list(fields())
 EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "dataset", "columns", "allow_unanswerable",
-              "max_eval_examples", "template", "max_length", "eval_batch_size", "eval_batch_tokens", "max_new_tokens",
-              "precision", "seed", "output_dir"]
-ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "eval_batch_size", "eval_batch_tokens",
-             "max_new_tokens", "precision", "seed"]
-MERGE_FLAGS = ["model", "init", "tokenizer", "seed"]
+              "no_answer_text", "method", "doc_stride", "max_eval_examples", "template", "max_length", "eval_batch_size", "eval_batch_tokens", "max_new_tokens",
+              "constrain_to_context", "precision", "seed", "output_dir"]
+ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "no_answer_text", "method", "doc_stride",
+             "allow_unanswerable", "eval_batch_size",
+             "eval_batch_tokens", "max_new_tokens", "constrain_to_context", "precision", "seed"]
+MERGE_FLAGS = ["model", "init", "tokenizer", "method", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
 ALIASES = {"evaluate": {"eval_batch_size": ["--batch-size"]}, "ask": {"eval_batch_size": ["--batch-size"]}}
 
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, PARAMS_FLAGS, "params")
     p = sub.add_parser("compare", help="zero-shot vs LoRA vs full fine-tuning on the same data, with a report")
     _add_config_flags(p, TRAIN_FLAGS, "compare")
-    p.add_argument("--methods", default="zero-shot,lora,full", help="comma-separated rows: zero-shot, lora, full")
+    p.add_argument("--methods", default="zero-shot,lora,full",
+                   help="comma-separated rows: zero-shot, lora, full, span (LoRA with an extractive span head)")
     p.add_argument("--extra", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
                    help="an extra LoRA row, e.g. 'lora-r32:r=32;lora_alpha=64' (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -206,8 +208,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from loraqa.inference import merge
+    from loraqa.pipeline import adapter_settings
 
-    merge(load_config(args.config, _settings(args, MERGE_FLAGS)), args.adapter, args.output_dir)
+    saved = adapter_settings(args.adapter)  # a span adapter merges into a model with its span head
+    merge(load_config(args.config, {**saved, **_settings(args, MERGE_FLAGS)}), args.adapter, args.output_dir)
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
@@ -232,10 +236,12 @@ def cmd_ask(args: argparse.Namespace) -> None:
         examples = [Example("1", "", context, args.question, ())]
     answers = ask(config, args.adapter, examples)
     if not args.input:
-        print(answers["1"])
+        print(answers["1"])  # an empty line when the model says the passage does not answer it
+        if not answers["1"]:
+            print("[loraqa] no answer: the model says the passage does not answer the question", file=sys.stderr)
         return
-    lines = "".join(json.dumps({"id": ex.id, "question": ex.question, "answer": answers[ex.id]}, ensure_ascii=False)
-                    + "\n" for ex in examples)
+    lines = "".join(json.dumps({"id": ex.id, "question": ex.question, "answer": answers[ex.id],
+                                "no_answer": not answers[ex.id]}, ensure_ascii=False) + "\n" for ex in examples)
     if args.output:
         write_text_atomic(args.output, lines)
     else:
@@ -248,6 +254,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     saved = adapter_settings(args.adapter) if args.adapter else {}  # the same settings as `ask`
     config = load_config(args.config, {**saved, **_settings(args, ASK_FLAGS)})
+    if config.method == "span":
+        raise ValueError("loraqa serve answers by generation; a --method span model answers with loraqa ask")
     serve(config, args.adapter, args.host, args.port, args.max_batch_size, args.max_wait_ms)
 
 

@@ -1,4 +1,4 @@
-"""The ablation: no fine-tuning vs LoRA vs full fine-tuning (plus extra LoRA rows), same data and seed.
+"""The ablation: no fine-tuning vs LoRA vs full fine-tuning vs a span head (plus extra LoRA rows), same data and seed.
 
 Each row is an ordinary run folder under the output dir, made by ``loraqa train`` / ``loraqa
 evaluate`` in a subprocess of its own, so its peak memory is its own. A row whose folder already
@@ -17,7 +17,7 @@ from loraqa.config import Config, load_config
 from loraqa.io import write_text_atomic
 from loraqa.report import write_report
 
-METHODS = ("zero-shot", "lora", "full")
+METHODS = ("zero-shot", "lora", "full", "span")
 
 
 def parse_extra(spec: str) -> tuple[str, dict]:

@@ -49,8 +49,9 @@ class Config:
                                          "v2.0 files allow them by themselves")
     no_answer_text: str = _f("", "the training target of an unanswerable question ('' : EOS right after the cue)")
     # --- method ------------------------------------------------------------------------------
-    method: str = _f("lora", "'lora' trains adapters; 'full' trains every weight",
-                     choices=["lora", "full"])
+    method: str = _f("lora", "'lora' trains adapters; 'full' trains every weight; 'span' adds an extractive "
+                             "start/end head (trained in full) to the LoRA-adapted model instead of generating",
+                     choices=["lora", "full", "span"])
     r: int = _f(8, "LoRA rank")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = lora_alpha / r)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input")
@@ -63,7 +64,7 @@ class Config:
     group_by_passage: bool = _f(
         False, "batch each passage's questions together and run the passage once per batch (faster on SQuAD)")
     gradient_checkpointing: bool = _f(
-        False, "recompute each layer's activations in the backward pass instead of keeping them (less memory, ~30% more time)")
+        False, "recompute each layer's activations in the backward pass instead of keeping them (less memory, more time: docs/memory.md)")
     max_batch_tokens: int | None = _f(
         None, "run a batch over N padded tokens as micro-batches with gradient accumulation (the same update)")
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
@@ -83,6 +84,8 @@ class Config:
     eval_batch_size: int = _f(32, "most questions decoded together")
     eval_batch_tokens: int = _f(16384, "most cached tokens in a decoding batch (rows x (prompt + new tokens))")
     max_new_tokens: int = _f(32, "longest generated answer, in tokens")
+    constrain_to_context: bool = _f(False, "decode only answers that are spans of the passage (evaluate, ask)")
+    doc_stride: int = _f(128, "span: tokens shared by neighbouring windows of a long context")
     # --- output ------------------------------------------------------------------------------
     output_dir: str = _f("runs/latest", "run folder (config, history, predictions, metrics, adapter)")
 

@@ -85,6 +85,11 @@ def target_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer(format_target(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def no_answer_token(tokenizer, no_answer_text: str = "") -> int:
+    """The first token of the no-answer target: EOS, or the phrase's first token."""
+    return target_ids(tokenizer, no_answer_text)[0]
+
+
 def build_train_features(tokenizer, examples: list[Example], template: str, max_length: int,
                          no_answer_text: str = "") -> tuple[list[Feature], FeatureStats]:
     """Prompt + ' answer' + EOS per example (first gold answer), at most ``max_length`` tokens.
@@ -145,8 +150,9 @@ def collate_train(features: list[Feature], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def median_batch(features: list[Feature], batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """``collate_train`` of ``batch_size`` features of median length: a typical batch, for probes."""
+def median_batch(features: list, batch_size: int, pad_id: int, collate=None) -> dict[str, torch.Tensor]:
+    """``collate`` (default ``collate_train``) of ``batch_size`` features of median length: a typical
+    batch, for probes."""
     order = sorted(features, key=lambda f: len(f.input_ids))
     middle = max(0, len(order) // 2 - batch_size // 2)
-    return collate_train(order[middle:middle + batch_size], pad_id)
+    return (collate or collate_train)(order[middle:middle + batch_size], pad_id)

@@ -15,12 +15,15 @@ batch that was a fifth of evaluation time in a profile on a 2-core CPU (GPT-2 sh
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
 from loraqa.batching import collate_shared_prefix, shared_prefix_batches
-from loraqa.features import Feature, median_batch
+from loraqa.constrain import ContextConstraint
+from loraqa.features import Feature, median_batch, no_answer_token
 from loraqa.model import cache_kwarg
 from loraqa.precision import autocast
 from loraqa.prompt import cut_answer
@@ -57,14 +60,18 @@ class KVPool:
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                     stop_ids: torch.Tensor, pad_id: int,
                     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                    pool: KVPool | None = None) -> torch.Tensor:
-    """(B, <= max_new_tokens) generated ids; a row ends with its first stop token, then pad_id.
+                    pool: KVPool | None = None,
+                    watch_id: int | None = None, choose=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((B, <= max_new_tokens) generated ids, (B,) first-token probabilities of ``watch_id`` or None);
+    a row ends with its first stop token, then pad_id. With ``watch_id`` = the no-answer token (EOS
+    when no answer is the empty answer), the probabilities are SQuAD v2.0's no-answer probabilities.
 
     ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)) is a left-padded prefix
     that several rows share (a passage read once for all its questions): it is prefilled once
     per group, its keys and values are copied to each of the group's rows (into ``pool``'s
     memory when given), and ``input_ids`` then hold each row's remainder. Without it
-    ``input_ids`` are whole left-padded prompts.
+    ``input_ids`` are whole left-padded prompts. ``choose(logits, tokens so far, done)`` replaces
+    the argmax (``constrain.ContextConstraint``).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows, width = input_ids.shape
@@ -89,18 +96,22 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     mask[:, :past] = past_mask
     mask[:, past:past + width] = attention_mask
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, **kw)
+    watched = None if watch_id is None else out.logits[:, -1].float().softmax(-1)[:, watch_id]
     done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-    steps = []
+    steps, so_far = [], [[] for _ in range(rows)]
     for step in range(max_new_tokens):
-        next_ids = out.logits[:, -1].argmax(-1)  # (B,)
+        next_ids = out.logits[:, -1].argmax(-1) if choose is None else choose(out.logits[:, -1], so_far, done)  # (B,)
         steps.append(torch.where(done, pad_id, next_ids))
+        if choose is not None:
+            for row, t in enumerate(next_ids.tolist()):
+                so_far[row].append(t)
         done |= torch.isin(next_ids, stop_ids)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask[:, past + width + step] = 1
         position_ids = position_ids[:, -1:] + 1
         out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position_ids, **kw)
-    return torch.stack(steps, dim=1)
+    return torch.stack(steps, dim=1), watched
 
 
 def _spread(cache: StaticCache, row_prefix: torch.Tensor, pool: KVPool) -> None:
@@ -118,11 +129,15 @@ def probe_step(model, features: list[Feature], batch_size: int, pad_id: int, dev
     batch = median_batch(features, batch_size, pad_id)
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # a span head (``--method span``) scores every position: it takes no logits_to_keep
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(lm).forward).parameters else {}
+
     @torch.inference_mode()
     def step(precision: str) -> None:
         model.eval()
         with autocast(device, precision):
-            model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+            model(input_ids=input_ids, attention_mask=attention_mask, **keep)
 
     return step
 
@@ -139,13 +154,20 @@ def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> l
 
 def predict(model, tokenizer, features: list[Feature], batch_size: int, max_new_tokens: int,
             device: torch.device, precision: str = "fp32", progress: bool = True,
-            batch_tokens: int | None = None) -> dict[str, str]:
+            batch_tokens: int | None = None, no_answer_text: str = "",
+            na_probs: dict[str, float] | None = None, contexts: dict[str, str] | None = None) -> dict[str, str]:
     """{question id: answer} for every feature; questions on the same passage share its prefill.
 
     A batch holds at most ``batch_size`` questions and ``batch_tokens`` cached tokens (rows x
-    (prompt + max_new_tokens)), so batches of long prompts are smaller.
+    (prompt + max_new_tokens)), so batches of long prompts are smaller. The model's "no answer"
+    (EOS right after the cue, or ``no_answer_text`` when it was trained with one) is the empty
+    answer; ``na_probs``, when given, is filled with each question's probability of it (of its
+    first token, for a phrase), SQuAD v2.0's no-answer probability. With ``contexts`` ({question
+    id: passage}), every answer is a span of its passage (``constrain.ContextConstraint``).
     """
     model.eval()
+    no_answer = cut_answer(no_answer_text)
+    watch_id = None if na_probs is None else no_answer_token(tokenizer, no_answer_text)
     stop_list = stop_token_ids(tokenizer)
     stop_ids = torch.tensor(stop_list, device=device)
     pool = KVPool()
@@ -153,12 +175,17 @@ def predict(model, tokenizer, features: list[Feature], batch_size: int, max_new_
     bar = tqdm(total=len(features), desc="generate", unit="q", disable=not progress)
     for groups in shared_prefix_batches(features, batch_size, batch_tokens, max_new_tokens) if features else []:
         t = {k: v.to(device) for k, v in collate_shared_prefix(groups, tokenizer.pad_token_id).items()}
-        with autocast(device, precision):
-            generated = greedy_generate(model, t["input_ids"], t["attention_mask"], max_new_tokens, stop_ids,
-                                        tokenizer.pad_token_id, prefix=(t["prefix_ids"], t["prefix_mask"], t["row_prefix"]), pool=pool)
         rows = [f for g in groups for f in g]
+        choose = None if contexts is None else ContextConstraint(tokenizer, [contexts[f.id] for f in rows])
+        with autocast(device, precision):
+            generated, watched = greedy_generate(
+                model, t["input_ids"], t["attention_mask"], max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                prefix=(t["prefix_ids"], t["prefix_mask"], t["row_prefix"]), pool=pool, watch_id=watch_id,
+                choose=choose)
         for f, answer in zip(rows, decode_answers(tokenizer, generated.cpu(), stop_list)):
-            predictions[f.id] = answer
+            predictions[f.id] = "" if no_answer and answer == no_answer else answer
+        if na_probs is not None:
+            na_probs.update(zip((f.id for f in rows), watched.tolist()))
         bar.update(len(rows))
     bar.close()
     return predictions

@@ -14,6 +14,8 @@ from loraqa.data import DataError, Example
 from loraqa.features import Feature, FeatureStats, build_eval_features
 from loraqa.generate import predict
 from loraqa.lora import load_adapter
+from loraqa.precision import autocast
+from loraqa.span import build_span_features, predict_spans
 from loraqa.distributed import Processes
 from loraqa.pipeline import ADAPTER_SETTINGS, inference_precision, load_base, log, resolve_max_length, save_dir_atomic
 
@@ -74,10 +76,13 @@ class Answerer:
         return build_eval_features(self.tokenizer, examples, self.config.template, self.max_length,
                                    self.config.max_new_tokens)
 
-    def decode(self, features: list[Feature], progress: bool = False) -> dict[str, str]:
-        """{feature id: answer}; questions on the same passage share its prefill."""
+    def decode(self, features: list[Feature], progress: bool = False,
+               contexts: dict[str, str] | None = None) -> dict[str, str]:
+        """{feature id: answer}; questions on the same passage share its prefill. With
+        ``config.constrain_to_context``, ``contexts`` ({feature id: passage}) hold answers to spans."""
         return predict(self.model, self.tokenizer, features, self.config.eval_batch_size, self.config.max_new_tokens,
-                       self.device, self.precision, progress, self.config.eval_batch_tokens)
+                       self.device, self.precision, progress, self.config.eval_batch_tokens, self.config.no_answer_text,
+                       contexts=contexts if self.config.constrain_to_context else None)
 
 
 def load_answerer(config: Config, adapter: str | None, probe_examples: list[Example]) -> Answerer:
@@ -96,9 +101,16 @@ def load_answerer(config: Config, adapter: str | None, probe_examples: list[Exam
 def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False) -> dict[str, str]:
     """{id: answer} for each example, decoded in batches."""
     answerer = load_answerer(config, adapter, examples)
+    if config.method == "span":
+        features, _ = build_span_features(answerer.tokenizer, examples, answerer.max_length, config.doc_stride)
+        with autocast(answerer.device, answerer.precision):
+            answers = predict_spans(answerer.model, answerer.tokenizer, examples, features, config.eval_batch_size,
+                                    answerer.device, allow_no_answer=config.allow_unanswerable,
+                                    max_answer_tokens=config.max_new_tokens, progress=progress)
+        return {ex.id: answers.get(ex.id, "") for ex in examples}
     features, stats = answerer.features(examples)
     if stats.windowed or stats.dropped:
         log(f"{stats.windowed} contexts cut to fit {answerer.max_length} tokens; "
             f"{stats.dropped} questions too long to answer")
-    answers = answerer.decode(features, progress)
+    answers = answerer.decode(features, progress, {ex.id: ex.context for ex in examples})
     return {ex.id: answers.get(ex.id, "") for ex in examples}

@@ -14,6 +14,7 @@ from torch import nn
 from loraqa.model import count_parameters
 
 ALL_LINEAR = "all-linear"
+SPAN_HEAD = "qa_outputs"  # transformers' name for the start/end head of *ForQuestionAnswering
 
 
 def default_target_modules(model) -> list[str]:
@@ -35,16 +36,21 @@ def add_lora(model, r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 
              target_modules: list[str] | None = None, use_rslora: bool = False):
     """Freeze ``model`` and attach LoRA adapters to ``target_modules``; returns a PeftModel.
 
-    ``["all-linear"]`` targets every linear layer but the output head (PEFT's own shorthand).
+    ``["all-linear"]`` targets every linear layer but the output head (PEFT's own shorthand). A
+    model with a span head (``qa_outputs``) gets PEFT's question-answering task: the head is
+    trained in full and saved with the adapter.
     """
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
     targets = list(target_modules) if target_modules else default_target_modules(model)
     if targets == [ALL_LINEAR]:
-        matched = [m for n, m in model.named_modules()
-                   if isinstance(m, (nn.Linear, Conv1D)) and m is not model.get_output_embeddings()]
-        targets = ALL_LINEAR
+        named = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, Conv1D)) and m is not model.get_output_embeddings()
+                 and not n.endswith(SPAN_HEAD)]
+        matched = [m for _, m in named]
+        # PEFT's shorthand would also adapt a span head, which is trained in full: name the layers instead
+        targets = sorted({n.rsplit(".", 1)[-1] for n, _ in named}) if hasattr(model, SPAN_HEAD) else ALL_LINEAR
     else:
         matched = [m for n, m in model.named_modules() if _matches(n, targets)]
     if not matched:
@@ -53,7 +59,7 @@ def add_lora(model, r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, use_rslora=use_rslora,
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched),
-        bias="none", task_type="CAUSAL_LM")
+        bias="none", task_type="QUESTION_ANS" if hasattr(model, SPAN_HEAD) else "CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -78,7 +84,7 @@ def load_adapter(model, adapter_dir: str | Path):
 def prepare_model(model, config):
     """Apply ``config.method``: LoRA adapters (with the config's LoRA settings), or every weight
     trainable ('full')."""
-    if config.method == "lora":
+    if config.method in ("lora", "span"):
         return add_lora(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
                         config.use_rslora)
     for p in model.parameters():

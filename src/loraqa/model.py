@@ -71,12 +71,17 @@ DROPOUT_KEYS = ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", 
                 "embedding_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
-def load_model(name: str, init: str = "pretrained", seed: int = 0, dropout: float | None = None):
+def load_model(name: str, init: str = "pretrained", seed: int = 0, dropout: float | None = None,
+               span_head: bool = False):
     """A float32 causal LM; ``init='random'`` builds it from its config with seeded weights.
 
-    ``dropout`` replaces every dropout rate in the model's config (None keeps them).
+    ``dropout`` replaces every dropout rate in the model's config (None keeps them). ``span_head``
+    loads the same decoder with a start/end head instead of the LM head (``*ForQuestionAnswering``;
+    the head starts from seeded random weights).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering
+
+    auto = AutoModelForQuestionAnswering if span_head else AutoModelForCausalLM
 
     location, kwargs = model_source(name)
     try:
@@ -92,10 +97,11 @@ def load_model(name: str, init: str = "pretrained", seed: int = 0, dropout: floa
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
     else:
+        torch.manual_seed(seed)  # a span head is new: seeded
         try:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+            model = auto.from_pretrained(location, dtype=torch.float32, **kwargs)
         except OSError as e:  # a config but no weights: --init random builds from the config alone
             raise ValueError(f"--model {name}: cannot load its weights ({_first_line(e)}); "
                              "for a config-only folder use --init random") from None
@@ -131,27 +137,3 @@ def cache_kwarg(module) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each decoder layer in the backward pass (transformers' checkpointing, non-reentrant,
-    so PEFT's frozen inputs need no ``requires_grad``), keeping the KV cache that passage batches pass
-    between the shared prefix and each row: their cache (``train.SharedPrefixCache``) gives the same
-    states on every call, so a recomputed layer sees what the first pass saw. transformers drops the
-    cache under checkpointing because its caches append on every call; the model-level flag that does
-    it (GPT-2's) is turned off, the layers' checkpointing stays on."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers then says it sets use_cache=False; the layers still use the cache they are given
-    logging.getLogger("transformers.modeling_layers").addFilter(
-        lambda record: "Caching is incompatible with gradient checkpointing" not in record.getMessage())
-    if hasattr(lm, "activation_checkpointing_enable"):  # its name since transformers 5.x
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for module in lm.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module._can_checkpoint_with_cache = True
-        elif getattr(module, "gradient_checkpointing", False):
-            module.gradient_checkpointing = False

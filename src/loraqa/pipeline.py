@@ -27,9 +27,11 @@ from loraqa.io import write_json_atomic, write_jsonl_atomic
 from loraqa.lora import load_adapter, parameter_counts, prepare_model
 from loraqa.checkpoint import resumed_precision
 from loraqa.generate import probe_step as prefill_step
-from loraqa.model import context_window, count_parameters, enable_gradient_checkpointing, load_model, load_tokenizer
+from loraqa.model import context_window, count_parameters, load_model, load_tokenizer
 from loraqa.precision import apply_precision
 from loraqa.prompt import format_prompt
+from loraqa.recompute import enable_gradient_checkpointing
+from loraqa.span import build_span_features
 from loraqa.tracking import Tracking
 from loraqa.train import probe_step, train
 
@@ -69,7 +71,7 @@ def resolve_max_length(config: Config, model, tokenizer) -> int:
 def load_base(config: Config):
     """(model, tokenizer, base parameter count) for the settings' model and tokenizer."""
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    model = load_model(config.model, config.init, config.seed, config.model_dropout)
+    model = load_model(config.model, config.init, config.seed, config.model_dropout, span_head=config.method == "span")
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     return model, tokenizer, count_parameters(model)[1]
@@ -151,11 +153,16 @@ def run_train(config: Config, progress: bool = True) -> dict:
     max_length = resolve_max_length(config, model, tokenizer)
     train_examples = config_examples(config, config.train_file, "train", config.max_train_examples)
     eval_examples = config_examples(config, config.eval_file, "validation", config.max_eval_examples)
-    train_features, train_stats = build_train_features(tokenizer, train_examples, config.template, max_length,
-                                                       no_answer_text=config.no_answer_text)
-    eval_loss_features, eval_loss_stats = build_train_features(
-        tokenizer, eval_examples[:config.eval_loss_examples], config.template, max_length,
-        no_answer_text=config.no_answer_text)
+    if config.method == "span":  # windows of the context, start/end labels
+        train_features, train_stats = build_span_features(tokenizer, train_examples, max_length, config.doc_stride)
+        eval_loss_features, eval_loss_stats = build_span_features(
+            tokenizer, eval_examples[:config.eval_loss_examples], max_length, config.doc_stride)
+    else:
+        train_features, train_stats = build_train_features(tokenizer, train_examples, config.template, max_length,
+                                                           no_answer_text=config.no_answer_text)
+        eval_loss_features, eval_loss_stats = build_train_features(
+            tokenizer, eval_examples[:config.eval_loss_examples], config.template, max_length,
+            no_answer_text=config.no_answer_text)
     if processes.is_main:
         _report_features("train", train_stats)
         _report_features("eval loss", eval_loss_stats)
@@ -192,10 +199,13 @@ def run_train(config: Config, progress: bool = True) -> dict:
         write_curves(out, history, steps)  # again: a resumed, already finished run calls no on_epoch_end
         save_trained(model, tokenizer, config, max_length, out)
 
+    na_probs: dict[str, float] = {}
     predictions, metrics = evaluate(
         model, tokenizer, eval_examples, template=config.template, max_length=max_length,
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
-        precision=precision, progress=progress, processes=processes, batch_tokens=config.eval_batch_tokens)
+        precision=precision, progress=progress, processes=processes, batch_tokens=config.eval_batch_tokens,
+        no_answer_text=config.no_answer_text, na_probs=na_probs, constrain_to_context=config.constrain_to_context,
+        method=config.method, doc_stride=config.doc_stride)
     metrics.update(counts)
     train_tokens = sum(r["train_tokens"] for r in history)
     metrics.update({
@@ -208,11 +218,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
         "max_length": max_length,
         "peak_memory_mb": peak_memory_mb(device)})
     if processes.is_main:
-        write_json_atomic(out / "predictions.json", predictions)
-        write_json_atomic(out / "metrics.json", metrics)
+        write_results(out, predictions, metrics, na_probs)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # complete: adapter/ or model/ holds the result
-        log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} "
-            f"questions; run folder {out}")
     tracking.log({"exact_match": metrics["exact_match"], "f1": metrics["f1"]}, step=last_step(steps))
     tracking.finish()
     processes.barrier()
@@ -221,8 +228,9 @@ def run_train(config: Config, progress: bool = True) -> dict:
 
 def save_trained(model, tokenizer, config: Config, max_length: int, out: Path) -> None:
     """adapter/ (LoRA, with the prompt settings beside it) or model/ + tokenizer (full)."""
-    settings = {"template": config.template, "max_length": max_length, "model": config.model,
-                "init": config.init, "seed": config.seed}
+    settings = {"template": config.template, "max_length": max_length, "no_answer_text": config.no_answer_text,
+                "method": config.method, "doc_stride": config.doc_stride,
+                "model": config.model, "init": config.init, "seed": config.seed}
 
     def write(folder: Path) -> None:
         if config.method == "full":
@@ -232,7 +240,7 @@ def save_trained(model, tokenizer, config: Config, max_length: int, out: Path) -
             model.save_pretrained(folder, save_embedding_layers=False)
         (folder / ADAPTER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
 
-    save_dir_atomic(out / ("adapter" if config.method == "lora" else "model"), write)
+    save_dir_atomic(out / ("model" if config.method == "full" else "adapter"), write)
 
 
 def adapter_settings(adapter: str | Path) -> dict:
@@ -241,7 +249,7 @@ def adapter_settings(adapter: str | Path) -> dict:
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    return {k: saved[k] for k in ("template", "max_length") if k in saved}
+    return {k: saved[k] for k in ("template", "max_length", "no_answer_text", "method", "doc_stride") if k in saved}
 
 
 def run_evaluate(config: Config, adapter: str | None = None, progress: bool = True) -> dict:
@@ -255,16 +263,31 @@ def run_evaluate(config: Config, adapter: str | None = None, progress: bool = Tr
     model.to(device)
     examples = config_examples(config, config.eval_file, "validation", config.max_eval_examples)
     precision, why = inference_precision(model, tokenizer, config, device, examples, max_length)
+    na_probs: dict[str, float] = {}
     predictions, metrics = evaluate(
         model, tokenizer, examples, template=config.template, max_length=max_length,
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
-        precision=precision, progress=progress, batch_tokens=config.eval_batch_tokens)
+        precision=precision, progress=progress, batch_tokens=config.eval_batch_tokens,
+        no_answer_text=config.no_answer_text, na_probs=na_probs, constrain_to_context=config.constrain_to_context,
+        method=config.method, doc_stride=config.doc_stride)
     metrics.update({"method": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                     "trainable_params": 0, "total_params": base_total, "trainable_percent": 0.0,
                     "device": str(device), "precision": precision, "precision_reason": why,
                     "max_length": max_length, "peak_memory_mb": peak_memory_mb(device)})
-    write_json_atomic(out / "predictions.json", predictions)
-    write_json_atomic(out / "metrics.json", metrics)
-    log(f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} questions; "
-        f"run folder {out}")
+    write_results(out, predictions, metrics, na_probs)
     return metrics
+
+
+def write_results(out: Path, predictions: dict[str, str], metrics: dict, na_probs: dict[str, float]) -> None:
+    """predictions.json, metrics.json, and na_probs.json where there are unanswerable questions (the
+    official v2.0 script's --na-prob-file); logs the scores."""
+    write_json_atomic(out / "predictions.json", predictions)
+    v2 = metrics.get("squad_v2")
+    if v2:
+        write_json_atomic(out / "na_probs.json", na_probs)
+    write_json_atomic(out / "metrics.json", metrics)
+    line = f"exact match {metrics['exact_match']:.2f}, F1 {metrics['f1']:.2f} on {metrics['n_questions']} questions"
+    if v2:
+        line += (f" (v2.0: HasAns F1 {v2.get('HasAns_f1', 0):.2f}, NoAns exact {v2.get('NoAns_exact', 0):.2f}; "
+                 f"best F1 {v2['best_f1']:.2f} at no-answer threshold {v2['best_f1_thresh']:.3f})")
+    log(f"{line}; run folder {out}")

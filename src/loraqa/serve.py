@@ -1,8 +1,11 @@
 """`loraqa serve`: answer questions over HTTP with the decoder `loraqa ask` uses.
 
-    POST /answer  {"context": ..., "question": ...}       -> {"answer": ..., "seconds": ...}
+    POST /answer  {"context": ..., "question": ...}       -> {"answer": ..., "no_answer": bool, "seconds": ...}
                   {"questions": [{"context", "question", "id"?}, ...]}
-                                                         -> {"answers": [{"id", "question", "answer"}, ...], "seconds": ...}
+                                            -> {"answers": [{"id", "question", "answer", "no_answer"}, ...], "seconds": ...}
+
+``no_answer`` is true when the model says the passage does not answer the question (the answer is
+then ""; a model trained with unanswerable questions says so, see ``--allow-unanswerable``).
     GET  /health  {"status": "ok", ...}                   GET / a page to ask from
 
 Requests that arrive together are decoded together: a :class:`Batcher` takes what is waiting
@@ -81,10 +84,13 @@ class Batcher:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="loraqa-decode")  # torch runs here, one batch at a time
         self.ids = count()
         self.batches = self.questions = 0  # served so far (GET /health)
+        self.contexts: dict[str, str] = {}  # feature id -> passage, while waiting or decoding
 
-    async def answer(self, features: list, passage: str = "") -> list[str]:
-        """Answers for ``features``, in order, decoded with whatever else is waiting."""
+    async def answer(self, features: list, passage: str = "", contexts: list[str] | None = None) -> list[str]:
+        """Answers for ``features``, in order, decoded with whatever else is waiting; ``contexts``
+        (one per feature) hold the answers to their passages under ``--constrain-to-context``."""
         features = [replace(f, id=f"{next(self.ids)}") for f in features]  # request ids may clash
+        self.contexts.update(zip((f.id for f in features), contexts or [passage] * len(features)))
         done = asyncio.get_running_loop().create_future()
         self.waiting.append((features, done, passage))
         self.wake.set()
@@ -124,8 +130,9 @@ class Batcher:
                     break
             batch = self.take()
             features = [f for fs, *_ in batch for f in fs]
+            contexts = {f.id: self.contexts.pop(f.id) for f in features}
             try:
-                answers = await loop.run_in_executor(self.worker, self.answerer.decode, features)
+                answers = await loop.run_in_executor(self.worker, self.answerer.decode, features, False, contexts)
             except Exception as e:  # noqa: BLE001 - the requests fail, the server goes on
                 for _, done, _ in batch:
                     if not done.done():
@@ -202,13 +209,13 @@ def build_app(answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float =
         except RequestError as e:
             return JSONResponse({"error": e.reason}, status_code=e.status)
         try:
-            answers = await state["batcher"].answer(features, examples[0].context)
+            answers = await state["batcher"].answer(features, examples[0].context, [ex.context for ex in examples])
         except Exception as e:  # noqa: BLE001 - one line, and the server goes on
             return JSONResponse({"error": f"decoding failed: {type(e).__name__}: {e}"}, status_code=500)
         seconds = round(time.perf_counter() - start, 4)
         if single:
-            return JSONResponse({"answer": answers[0], "seconds": seconds})
-        return JSONResponse({"answers": [{"id": ex.id, "question": ex.question, "answer": a}
+            return JSONResponse({"answer": answers[0], "no_answer": not answers[0], "seconds": seconds})
+        return JSONResponse({"answers": [{"id": ex.id, "question": ex.question, "answer": a, "no_answer": not a}
                                          for ex, a in zip(examples, answers)], "seconds": seconds})
 
     async def health(request):

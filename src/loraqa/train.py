@@ -30,6 +30,7 @@ from loraqa.batching import (collate_context_train, context_batches, context_gro
 from loraqa.features import Feature, collate_train, median_batch
 from loraqa.model import cache_kwarg
 from loraqa.precision import autocast
+from loraqa.span import SpanFeature, collate_span, span_loss_sum, span_windows
 
 LOG_STEPS = 10  # optimizer steps per point of the loss curve (steps.jsonl)
 
@@ -43,8 +44,11 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Only positions whose next token is a label go through the LM head: the prompt's logits
     (most of each sequence, and a vocab-sized matmul per token) are never needed. A batch from
     :func:`loraqa.batching.collate_context_train` runs its shared prefixes first and each row's
-    remainder on top of their keys and values (gradients flow back through both).
+    remainder on top of their keys and values (gradients flow back through both). A span batch
+    (``--method span``) gives its start/end loss summed over windows instead.
     """
+    if "start_positions" in batch:
+        return span_loss_sum(model, batch)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     labels = batch["labels"][:, 1:]          # position t predicts token t + 1
     keep = labels != IGNORE_INDEX            # (B, T - 1)
@@ -139,11 +143,19 @@ def _computed_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def _no_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``batch`` with no label: a backward pass that adds nothing (for a process with fewer micro-batches)."""
-    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+    keys = ("start_positions", "end_positions") if "start_positions" in batch else ("labels",)
+    return {**batch, **{k: torch.full_like(batch[k], IGNORE_INDEX) for k in keys}}
 
 
 def _answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """What the loss is a sum over: answer tokens, or a span batch's labelled windows."""
+    if "start_positions" in batch:
+        return span_windows(batch)
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _collate_for(features: list) -> Callable:
+    return collate_span if features and isinstance(features[0], SpanFeature) else collate_train
 
 
 @torch.no_grad()
@@ -155,7 +167,7 @@ def evaluate_loss(model, features: list[Feature], batch_size: int, pad_id: int, 
     order = sorted(features, key=lambda f: len(f.input_ids))[processes.rank::processes.world]
     total = torch.zeros(2, dtype=torch.float64)  # (loss sum, answer tokens)
     for b in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in collate_train(order[b:b + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in _collate_for(order)(order[b:b + batch_size], pad_id).items()}
         with autocast(device, precision):
             total[0] += answer_loss_sum(model, batch).item()
         total[1] += _answer_tokens(batch)
@@ -166,7 +178,7 @@ def evaluate_loss(model, features: list[Feature], batch_size: int, pad_id: int, 
 def probe_step(model, features: list[Feature], batch_size: int, pad_id: int, device: torch.device):
     """One training step's forward and backward at the run's shapes (``batch_size`` examples of
     median length), for timing precisions; gradients are dropped after each call."""
-    batch = {k: v.to(device) for k, v in median_batch(features, batch_size, pad_id).items()}
+    batch = {k: v.to(device) for k, v in median_batch(features, batch_size, pad_id, _collate_for(features)).items()}
 
     def step(precision: str) -> None:
         model.train()
@@ -223,12 +235,13 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_module = processes.wrap(AnswerLoss(model))
-    if config.group_by_passage:  # a passage's questions share a batch and its prefill
+    if config.group_by_passage and config.method != "span":  # a passage's questions share a batch and its prefill
         groups = context_groups(train_features)
         plan, collate = (lambda epoch: context_batches(groups, config.batch_size, config.seed + epoch)), collate_context_train
     else:
         lengths = [len(f.input_ids) for f in train_features]
-        plan, collate = (lambda epoch: length_grouped_batches(lengths, config.batch_size, config.seed + epoch)), collate_train
+        plan, collate = (lambda epoch: length_grouped_batches(lengths, config.batch_size, config.seed + epoch)), \
+            _collate_for(train_features)
     # everything that a resumed run needs besides weights, optimizer, scheduler and RNG
     state = {"epoch": 1, "batch": 0, "step": 0, "loss_sum": 0.0, "loss_tokens": 0, "real_tokens": 0,
              "seconds": 0.0, "history": [], "steps": [], "window": [0.0, 0], "precision": precision}
