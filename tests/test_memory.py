@@ -109,11 +109,14 @@ def test_both_settings_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     assert 0 < metrics["largest_batch_tokens"] <= 300
 
 
-def test_checkpointing_replays_lora_dropout_masks_without_drawing_them_again(tiny_model_dir, tokenizer, examples):
+@pytest.mark.parametrize("collate", [collate_train, collate_context_train], ids=["plain", "passage batches"])
+def test_checkpointing_replays_lora_dropout_masks_without_drawing_them_again(tiny_model_dir, tokenizer, examples,
+                                                                             collate):
     from torch.profiler import profile
 
     features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
-    batch = collate_train(features, tokenizer.pad_token_id)
+    batch = collate(features, tokenizer.pad_token_id)
+    runs = 2 if collate is collate_context_train else 1  # passage batches run each layer for prefixes and rows
     torch.manual_seed(0)
     model = add_lora(load_model(str(tiny_model_dir), dropout=0.0), lora_dropout=0.3, target_modules=["all-linear"])
     for p in model.parameters():
@@ -128,7 +131,7 @@ def test_checkpointing_replays_lora_dropout_masks_without_drawing_them_again(tin
     with profile() as prof:
         checkpointed_loss, checkpointed_grads = _loss_and_grads(model, batch)
     draws = sum(e.count for e in prof.key_averages() if e.key == "aten::bernoulli_")
-    assert draws == replayed  # once per dropout in the forward; the backward's replay reuses the bits
+    assert draws == replayed * runs  # once per dropout per forward call; the recomputation replays the bits
     torch.testing.assert_close(checkpointed_loss, loss, rtol=1e-6, atol=1e-7)  # the same masks
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -14,18 +14,22 @@ make that replay cheaper or possible here:
   ``bernoulli_`` is slow there: a profile on SmolLM2-135M put it at 17% of a whole step). Each LoRA
   dropout here draws its mask exactly as ``torch.nn.functional.dropout`` does (the same random
   numbers, so the same masks as a run without checkpointing), keeps it as bits (1/32 of the float
-  mask), and the replay reuses the bits instead of drawing again: PyTorch's selective checkpointing
-  (``create_selective_checkpoint_contexts``) saves the output of the op that draws them.
+  mask) on a tape that belongs to that layer call, and the recomputation replays the tape instead
+  of drawing again. (PyTorch's selective checkpointing can save an op's output the same way, but
+  its per-op Python dispatch made the whole step slower here, not faster.)
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-_SHIFTS = {}
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_TAPES = threading.local()  # the tape of the layer call running in this thread, if any
 
 
 def _shifts(device: torch.device) -> torch.Tensor:
@@ -34,29 +38,67 @@ def _shifts(device: torch.device) -> torch.Tensor:
     return _SHIFTS[device]
 
 
-@torch.library.custom_op("loraqa::dropout_keep_bits", mutates_args=())
-def dropout_keep_bits(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The keep mask ``F.dropout(x, p)`` would draw (same generator calls), packed 8 per byte."""
-    keep = torch.empty_like(x).bernoulli_(1 - p).reshape(-1).bool()
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A mask (any dtype, 0 or not) as bits, 8 per byte."""
+    keep = mask.reshape(-1).bool()
     pad = -keep.numel() % 8
     if pad:
         keep = torch.cat([keep, keep.new_zeros(pad)])
-    return (keep.view(-1, 8).to(torch.uint8) << _shifts(x.device)).sum(-1, dtype=torch.uint8)
+    return (keep.view(-1, 8).to(torch.uint8) << _shifts(mask.device)).sum(-1, dtype=torch.uint8)
 
 
-@dropout_keep_bits.register_fake
-def _(x: torch.Tensor, p: float) -> torch.Tensor:
-    return x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
-
-
-def unpack_keep(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The bool mask of ``like``'s shape from :func:`dropout_keep_bits`'s bytes."""
+def unpack_bits(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask of ``like``'s shape and dtype from :func:`pack_bits`'s bytes."""
     keep = ((bits[:, None] >> _shifts(bits.device)) & 1).reshape(-1)[:like.numel()]
-    return keep.view(like.shape)
+    return keep.view(like.shape).to(like.dtype)
+
+
+class MaskTape:
+    """The dropout masks one checkpointed layer call drew, in order: recorded by the first run of
+    the layer, replayed by its recomputation."""
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor] = []
+        self.recorded = False
+        self.cursor = 0
+
+    @contextmanager
+    def running(self):
+        self.cursor = 0
+        stack = _TAPES.__dict__.setdefault("stack", [])
+        stack.append(self)
+        try:
+            yield
+        finally:
+            stack.pop()
+            self.recorded = True
+
+
+def _current_tape() -> MaskTape | None:
+    stack = getattr(_TAPES, "stack", None)
+    return stack[-1] if stack else None
+
+
+def taped(checkpoint_func):
+    """``checkpoint_func`` (transformers' call of ``torch.utils.checkpoint``) with a fresh tape per
+    layer call, so the layer's recomputation replays the masks its first run drew."""
+
+    def run(function, *args, **kwargs):
+        tape = MaskTape()
+
+        def recorded(*inner_args, **inner_kwargs):
+            with tape.running():
+                return function(*inner_args, **inner_kwargs)
+
+        return checkpoint_func(recorded, *args, **kwargs)
+
+    return run
 
 
 class ReplayedDropout(nn.Module):
-    """``nn.Dropout(p)`` with the same masks, drawn once per step and replayed from bits."""
+    """``nn.Dropout(p)``, drawing the same masks with the same arithmetic as torch's dropout on a
+    CPU (``bernoulli_(1 - p)``, divided by ``1 - p``, times the input); inside a checkpointed layer
+    it keeps each mask as bits and the recomputation replays them instead of drawing again."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -65,25 +107,18 @@ class ReplayedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        noise = unpack_keep(torch.ops.loraqa.dropout_keep_bits(x, self.p), x).to(x.dtype).div_(1 - self.p)
-        return x * noise  # F.dropout's own arithmetic: the same values to the bit
+        tape = _current_tape()
+        if tape is not None and tape.recorded:
+            noise = unpack_bits(tape.masks[tape.cursor], x)
+            tape.cursor += 1
+        else:
+            noise = torch.empty_like(x).bernoulli_(1 - self.p)
+            if tape is not None:
+                tape.masks.append(pack_bits(noise))
+        return x * noise.div_(1 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-def _keep_mask_bits(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if op is torch.ops.loraqa.dropout_keep_bits.default:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _context():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(_keep_mask_bits)
 
 
 def enable_gradient_checkpointing(model) -> int:
@@ -95,7 +130,7 @@ def enable_gradient_checkpointing(model) -> int:
     # transformers then says it sets use_cache=False; the layers still use the cache they are given
     logging.getLogger("transformers.modeling_layers").addFilter(
         lambda record: "Caching is incompatible with gradient checkpointing" not in record.getMessage())
-    kwargs = {"use_reentrant": False, "context_fn": _context}
+    kwargs = {"use_reentrant": False}
     if hasattr(lm, "activation_checkpointing_enable"):  # its name since transformers 5.x
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -103,6 +138,7 @@ def enable_gradient_checkpointing(model) -> int:
     for module in lm.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module._can_checkpoint_with_cache = True
+            module._gradient_checkpointing_func = taped(module._gradient_checkpointing_func)
         elif getattr(module, "gradient_checkpointing", False):
             module.gradient_checkpointing = False
     replayed = 0
