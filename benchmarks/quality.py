@@ -42,6 +42,10 @@ RECIPES = {
     "recommended": "recommended",  # the shipped preset (src/loraqa/configs/recommended.yaml)
     # the recommended recipe on 4,000 questions, one epoch: ~45 minutes of this CPU's training
     "recommended-4k": {"preset": "recommended", "max_train_examples": 4000},
+    # the same adapter settings, answers held to spans of the passage (--constrain-to-context)
+    "recommended-held": {"preset": "recommended", "constrain_to_context": True},
+    # the recommended LoRA settings with an extractive start/end head instead of generation
+    "span": {"preset": "recommended", "method": "span"},
 }
 PRESET_IGNORED = ("model", "train_file", "eval_file", "output_dir", "max_eval_examples", *BASE)
 # The sweep (quick rows: --eval-examples 300). Passage batches throughout (--group-by-passage), after
