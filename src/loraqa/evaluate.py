@@ -13,8 +13,7 @@ from loraqa.features import build_eval_features
 from loraqa.generate import predict
 from loraqa.metrics import squad_scores
 from loraqa.metrics_v2 import squad_v2_scores
-from loraqa.precision import autocast
-from loraqa.span import build_span_features, predict_spans
+from loraqa.span import answer_spans
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_length: int,
@@ -40,10 +39,10 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
     show = progress and processes.is_main
     if method == "span":
         share = examples[processes.rank::processes.world]
-        features, stats = build_span_features(tokenizer, share, max_length, doc_stride)
-        with autocast(device, precision):
-            mine = predict_spans(model, tokenizer, share, features, batch_size, device, max_answer_tokens=max_new_tokens,
-                                 allow_no_answer=not all(ex.answerable for ex in examples), na_probs=probs, progress=show)
+        mine, stats = answer_spans(model, tokenizer, share, max_length=max_length, doc_stride=doc_stride,
+                                   batch_size=batch_size, device=device, precision=precision,
+                                   allow_no_answer=not all(ex.answerable for ex in examples),
+                                   max_answer_tokens=max_new_tokens, na_probs=probs, progress=show)
         counts = processes.sum(torch.tensor([stats.windowed, stats.dropped], dtype=torch.float64))
         stats.windowed, stats.dropped = int(counts[0]), int(counts[1])
         features = examples  # questions answered, for the rate below

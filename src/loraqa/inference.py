@@ -14,8 +14,7 @@ from loraqa.data import DataError, Example
 from loraqa.features import Feature, FeatureStats, build_eval_features
 from loraqa.generate import predict
 from loraqa.lora import load_adapter
-from loraqa.precision import autocast
-from loraqa.span import build_span_features, predict_spans
+from loraqa.span import answer_spans
 from loraqa.distributed import Processes
 from loraqa.pipeline import ADAPTER_SETTINGS, inference_precision, load_base, log, resolve_max_length, save_dir_atomic
 
@@ -102,11 +101,11 @@ def ask(config: Config, adapter: str | None, examples: list[Example], progress: 
     """{id: answer} for each example, decoded in batches."""
     answerer = load_answerer(config, adapter, examples)
     if config.method == "span":
-        features, _ = build_span_features(answerer.tokenizer, examples, answerer.max_length, config.doc_stride)
-        with autocast(answerer.device, answerer.precision):
-            answers = predict_spans(answerer.model, answerer.tokenizer, examples, features, config.eval_batch_size,
-                                    answerer.device, allow_no_answer=config.allow_unanswerable,
-                                    max_answer_tokens=config.max_new_tokens, progress=progress)
+        answers, _ = answer_spans(answerer.model, answerer.tokenizer, examples, max_length=answerer.max_length,
+                                  doc_stride=config.doc_stride, batch_size=config.eval_batch_size,
+                                  device=answerer.device, precision=answerer.precision,
+                                  allow_no_answer=config.allow_unanswerable, max_answer_tokens=config.max_new_tokens,
+                                  progress=progress)
         return {ex.id: answers.get(ex.id, "") for ex in examples}
     features, stats = answerer.features(examples)
     if stats.windowed or stats.dropped:

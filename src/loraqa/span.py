@@ -124,6 +124,19 @@ def best_span(start: list[float], end: list[float], f: SpanFeature, n_best: int,
     return best
 
 
+def answer_spans(model, tokenizer, examples: list[Example], *, max_length: int, doc_stride: int, batch_size: int,
+                 device: torch.device, precision: str, allow_no_answer: bool, max_answer_tokens: int,
+                 na_probs: dict[str, float] | None = None, progress: bool = False) -> tuple[dict[str, str], FeatureStats]:
+    """Windows for ``examples``, then :func:`predict_spans` in ``precision``: (answers, window stats)."""
+    from loraqa.precision import autocast
+
+    features, stats = build_span_features(tokenizer, examples, max_length, doc_stride)
+    with autocast(device, precision):
+        answers = predict_spans(model, tokenizer, examples, features, batch_size, device, allow_no_answer=allow_no_answer,
+                                max_answer_tokens=max_answer_tokens, na_probs=na_probs, progress=progress)
+    return answers, stats
+
+
 @torch.inference_mode()
 def predict_spans(model, tokenizer, examples: list[Example], features: list[SpanFeature], batch_size: int,
                   device: torch.device, *, allow_no_answer: bool, n_best: int = 20, max_answer_tokens: int = 30,
