@@ -30,7 +30,6 @@ from loraqa.batching import (collate_context_train, context_batches, context_gro
 from loraqa.features import Feature, collate_train, median_batch
 from loraqa.model import cache_kwarg
 from loraqa.precision import autocast
-from loraqa.runtime import bounded_heap
 from loraqa.span import SpanFeature, collate_span, span_loss_sum, span_windows
 
 LOG_STEPS = 10  # optimizer steps per point of the loss curve (steps.jsonl)
@@ -265,8 +264,7 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
             save_checkpoint(checkpoint_dir, state["step"], model, optimizer, scheduler, scaler, state,
                             config.keep_checkpoints, processes)
 
-    # under checkpointing, freed activations go back to the OS (runtime.py: the heap's fragments set the peak)
-    with _StopRequest() as stop, bounded_heap(config.gradient_checkpointing):
+    with _StopRequest() as stop:
         for epoch in range(state["epoch"], config.epochs + 1):
             model.train()
             batches = plan(epoch)
