@@ -103,9 +103,14 @@ def test_both_settings_from_the_command_line(tiny_model_dir, tmp_path, capsys):
                  "--epochs", "1", "--batch-size", "4", "--max-length", "128", "--max-new-tokens", "4",
                  "--gradient-checkpointing", "--max-batch-tokens", "300", "--group-by-passage",
                  "--precision", "fp32", "--output-dir", str(tmp_path), "--quiet"]) == 0
-    assert "largest batch this epoch:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "largest batch this epoch:" in err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["gradient_checkpointing"] is True and metrics["max_batch_tokens"] == 300
+    from loraqa.runtime import allocator
+
+    assert metrics["allocator"] == allocator()  # the malloc bounds the peak too (runtime.py)
+    assert ("glibc's malloc fragments" in err) == (allocator() == "glibc")
     assert 0 < metrics["largest_batch_tokens"] <= 300
 
 

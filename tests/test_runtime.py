@@ -9,3 +9,22 @@ from loraqa.runtime import keep_freed_memory
 def test_glibc_accepts_the_allocator_settings():
     assert keep_freed_memory() is True  # False if glibc rejected either setting
     assert keep_freed_memory() is True  # applying twice is harmless
+
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc process")
+def test_allocator_names_the_malloc_in_use():
+    import os
+    import subprocess
+    import sys
+
+    from loraqa.runtime import allocator
+
+    assert allocator() == "glibc"
+    if not os.path.exists(JEMALLOC):
+        pytest.skip(f"{JEMALLOC} not installed (apt-get install libjemalloc2)")
+    out = subprocess.run([sys.executable, "-c", "from loraqa.runtime import allocator; print(allocator())"],
+                         env={**os.environ, "LD_PRELOAD": JEMALLOC}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "jemalloc"

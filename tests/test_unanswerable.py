@@ -236,3 +236,63 @@ def test_ask_marks_no_answer(tiny_model_dir, tmp_path, capsys):
     rows.write_text(json.dumps({"context": "The mill was rebuilt in 1887.", "question": "When?"}) + "\n")
     assert main([*common, "--input", str(rows), "--no-answer-text", said]) == 0
     assert json.loads(capsys.readouterr().out) == {"id": "1", "question": "When?", "answer": "", "no_answer": True}
+
+
+def test_na_prob_thresh_not_the_argmax_decides_whether_to_answer(tiny_model, tokenizer, examples):
+    import torch
+
+    from loraqa.features import build_eval_features
+    from loraqa.generate import predict
+
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
+    run = dict(tokenizer=tokenizer, features=features, batch_size=4, device=torch.device("cpu"), progress=False)
+    first_tokens = predict(tiny_model, max_new_tokens=1, **run)
+    eos = tokenizer.eos_token_id
+    # EOS made every step's argmax: greedy says "no answer" to everything, P(no answer) ~ 1
+    def eos_first(module, args, out):
+        out.logits[..., eos] += 50.0
+
+    hook = tiny_model.register_forward_hook(eos_first)
+    try:
+        assert set(predict(tiny_model, max_new_tokens=6, **run).values()) == {""}
+        na_probs: dict[str, float] = {}
+        kept = predict(tiny_model, max_new_tokens=6, na_thresh=1.0, na_probs=na_probs, **run)
+        dropped = predict(tiny_model, max_new_tokens=6, na_thresh=0.5, **run)
+    finally:
+        hook.remove()
+    assert min(na_probs.values()) > 0.5
+    assert kept == first_tokens  # below the threshold: the likeliest other first token, then EOS
+    assert set(dropped.values()) == {""}
+
+
+def test_na_prob_thresh_splits_questions_by_their_probability(tiny_model, tokenizer, examples):
+    import torch
+
+    from loraqa.features import build_eval_features
+    from loraqa.generate import predict
+
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
+    run = dict(model=tiny_model, tokenizer=tokenizer, features=features, batch_size=4, max_new_tokens=6,
+               device=torch.device("cpu"), progress=False)
+    na_probs: dict[str, float] = {}
+    plain = predict(**run, na_probs=na_probs)
+    thresh = sorted(na_probs.values())[len(na_probs) // 2]
+    answers = predict(**run, na_thresh=thresh)
+    assert any(p > thresh for p in na_probs.values()) and any(p <= thresh for p in na_probs.values())
+    for qid, p in na_probs.items():
+        if p > thresh:
+            assert answers[qid] == ""
+        elif plain[qid]:  # its first token was not EOS, so nothing changes
+            assert answers[qid] == plain[qid]
+
+
+def test_na_prob_thresh_is_checked_and_reaches_ask(tiny_model_dir, capsys):
+    with pytest.raises(ValueError, match=r"--na-prob-thresh must be in \[0, 1\], got 1.5"):
+        Config(na_prob_thresh=1.5)
+    with pytest.raises(ValueError, match="--na-prob-thresh applies to generation"):
+        Config(na_prob_thresh=0.5, method="span")
+    common = ["ask", "--model", str(tiny_model_dir), "--max-new-tokens", "5", "--precision", "fp32",
+              "--context", "The mill was rebuilt in 1887.", "--question", "When?"]
+    assert main([*common, "--na-prob-thresh", "0"]) == 0  # any probability above 0: no answer
+    out = capsys.readouterr()
+    assert out.out == "\n" and "no answer" in out.err

@@ -85,6 +85,9 @@ class Config:
     eval_batch_tokens: int = _f(16384, "most cached tokens in a decoding batch (rows x (prompt + new tokens))")
     max_new_tokens: int = _f(32, "longest generated answer, in tokens")
     constrain_to_context: bool = _f(False, "decode only answers that are spans of the passage (evaluate, ask)")
+    na_prob_thresh: float | None = _f(
+        None, "generation: say 'no answer' exactly when its probability is above this (a run's squad_v2 "
+              "best_f1_thresh); default: greedy decoding's own choice")
     doc_stride: int = _f(128, "span: tokens shared by neighbouring windows of a long context")
     # --- output ------------------------------------------------------------------------------
     output_dir: str = _f("runs/latest", "run folder (config, history, predictions, metrics, adapter)")
@@ -111,6 +114,10 @@ class Config:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.na_prob_thresh is not None and not 0.0 <= self.na_prob_thresh <= 1.0:
+            raise ValueError(f"--na-prob-thresh must be in [0, 1], got {self.na_prob_thresh}")
+        if self.na_prob_thresh is not None and self.method == "span":
+            raise ValueError("--na-prob-thresh applies to generation; --method span decides from its start/end scores")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         for name in ("init", "method", "precision"):

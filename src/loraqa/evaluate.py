@@ -21,7 +21,8 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
              progress: bool = True, processes: Processes | None = None,
              batch_tokens: int | None = None, no_answer_text: str = "",
              na_probs: dict[str, float] | None = None, constrain_to_context: bool = False,
-             method: str = "lora", doc_stride: int = 128) -> tuple[dict[str, str], dict]:
+             method: str = "lora", doc_stride: int = 128,
+             na_prob_thresh: float | None = None) -> tuple[dict[str, str], dict]:
     """(predictions, metrics) over *all* ``examples``; with several processes each decodes a share.
 
     A question whose prompt cannot fit the budget even without context gets the empty answer
@@ -31,7 +32,8 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
     ``--na-prob-file``; 1.0 for a question too long to ask). ``constrain_to_context`` holds every
     answer to a span of its passage. ``method='span'`` reads the answers off a span head instead
     (windows of ``doc_stride``, spans of at most ``max_new_tokens`` tokens; "no answer" only
-    where ``examples`` have unanswerable questions).
+    where ``examples`` have unanswerable questions). ``na_prob_thresh``: "no answer" exactly where
+    its probability is above it (generation).
     """
     processes = processes or Processes.single()
     start = time.perf_counter()
@@ -50,7 +52,8 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
         features, stats = build_eval_features(tokenizer, examples, template, max_length, max_new_tokens)
         mine = predict(model, tokenizer, features[processes.rank::processes.world], batch_size, max_new_tokens,
                        device, precision, show, batch_tokens, no_answer_text, probs,
-                       {ex.id: ex.context for ex in examples} if constrain_to_context else None)
+                       {ex.id: ex.context for ex in examples} if constrain_to_context else None,
+                       na_prob_thresh)
     generated = dict(processes.gather([(qid, (answer, probs[qid])) for qid, answer in mine.items()]))
     seconds = time.perf_counter() - start
     predictions = {ex.id: generated.get(ex.id, ("", 1.0))[0] for ex in examples}  # file order
@@ -65,6 +68,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
         "eval_dropped": stats.dropped,
         "empty_predictions": sum(1 for p in predictions.values() if not p),
         "constrain_to_context": constrain_to_context,
+        "na_prob_thresh": na_prob_thresh,
         "analysis": analyse(examples, predictions),
     })
     return predictions, metrics

@@ -61,7 +61,8 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     stop_ids: torch.Tensor, pad_id: int,
                     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                     pool: KVPool | None = None,
-                    watch_id: int | None = None, choose=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    watch_id: int | None = None, choose=None,
+                    na_thresh: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """((B, <= max_new_tokens) generated ids, (B,) first-token probabilities of ``watch_id`` or None);
     a row ends with its first stop token, then pad_id. With ``watch_id`` = the no-answer token (EOS
     when no answer is the empty answer), the probabilities are SQuAD v2.0's no-answer probabilities.
@@ -71,7 +72,9 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     per group, its keys and values are copied to each of the group's rows (into ``pool``'s
     memory when given), and ``input_ids`` then hold each row's remainder. Without it
     ``input_ids`` are whole left-padded prompts. ``choose(logits, tokens so far, done)`` replaces
-    the argmax (``constrain.ContextConstraint``).
+    the argmax (``constrain.ContextConstraint``). With ``na_thresh`` (and ``watch_id``), the first
+    token is ``watch_id`` exactly where its probability is above ``na_thresh``, and elsewhere the
+    likeliest other token: the threshold, not the argmax, decides whether to answer.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows, width = input_ids.shape
@@ -100,7 +103,14 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     steps, so_far = [], [[] for _ in range(rows)]
     for step in range(max_new_tokens):
-        next_ids = out.logits[:, -1].argmax(-1) if choose is None else choose(out.logits[:, -1], so_far, done)  # (B,)
+        logits = out.logits[:, -1]
+        if step == 0 and na_thresh is not None:
+            abstain = watched > na_thresh
+            logits = logits.clone()
+            logits[~abstain, watch_id] = float("-inf")
+        next_ids = logits.argmax(-1) if choose is None else choose(logits, so_far, done)  # (B,)
+        if step == 0 and na_thresh is not None:
+            next_ids = torch.where(abstain, watch_id, next_ids)
         steps.append(torch.where(done, pad_id, next_ids))
         if choose is not None:
             for row, t in enumerate(next_ids.tolist()):
@@ -155,7 +165,8 @@ def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> l
 def predict(model, tokenizer, features: list[Feature], batch_size: int, max_new_tokens: int,
             device: torch.device, precision: str = "fp32", progress: bool = True,
             batch_tokens: int | None = None, no_answer_text: str = "",
-            na_probs: dict[str, float] | None = None, contexts: dict[str, str] | None = None) -> dict[str, str]:
+            na_probs: dict[str, float] | None = None, contexts: dict[str, str] | None = None,
+            na_thresh: float | None = None) -> dict[str, str]:
     """{question id: answer} for every feature; questions on the same passage share its prefill.
 
     A batch holds at most ``batch_size`` questions and ``batch_tokens`` cached tokens (rows x
@@ -163,11 +174,13 @@ def predict(model, tokenizer, features: list[Feature], batch_size: int, max_new_
     (EOS right after the cue, or ``no_answer_text`` when it was trained with one) is the empty
     answer; ``na_probs``, when given, is filled with each question's probability of it (of its
     first token, for a phrase), SQuAD v2.0's no-answer probability. With ``contexts`` ({question
-    id: passage}), every answer is a span of its passage (``constrain.ContextConstraint``).
+    id: passage}), every answer is a span of its passage (``constrain.ContextConstraint``). With
+    ``na_thresh``, a question gets "no answer" exactly when that probability is above it, and
+    otherwise an answer (see ``greedy_generate``).
     """
     model.eval()
     no_answer = cut_answer(no_answer_text)
-    watch_id = None if na_probs is None else no_answer_token(tokenizer, no_answer_text)
+    watch_id = None if na_probs is None and na_thresh is None else no_answer_token(tokenizer, no_answer_text)
     stop_list = stop_token_ids(tokenizer)
     stop_ids = torch.tensor(stop_list, device=device)
     pool = KVPool()
@@ -181,9 +194,10 @@ def predict(model, tokenizer, features: list[Feature], batch_size: int, max_new_
             generated, watched = greedy_generate(
                 model, t["input_ids"], t["attention_mask"], max_new_tokens, stop_ids, tokenizer.pad_token_id,
                 prefix=(t["prefix_ids"], t["prefix_mask"], t["row_prefix"]), pool=pool, watch_id=watch_id,
-                choose=choose)
-        for f, answer in zip(rows, decode_answers(tokenizer, generated.cpu(), stop_list)):
-            predictions[f.id] = "" if no_answer and answer == no_answer else answer
+                choose=choose, na_thresh=na_thresh)
+        abstained = [False] * len(rows) if na_thresh is None else (watched > na_thresh).tolist()
+        for f, answer, abstain in zip(rows, decode_answers(tokenizer, generated.cpu(), stop_list), abstained):
+            predictions[f.id] = "" if abstain or (no_answer and answer == no_answer) else answer
         if na_probs is not None:
             na_probs.update(zip((f.id for f in rows), watched.tolist()))
         bar.update(len(rows))

@@ -81,7 +81,8 @@ class Answerer:
         ``config.constrain_to_context``, ``contexts`` ({feature id: passage}) hold answers to spans."""
         return predict(self.model, self.tokenizer, features, self.config.eval_batch_size, self.config.max_new_tokens,
                        self.device, self.precision, progress, self.config.eval_batch_tokens, self.config.no_answer_text,
-                       contexts=contexts if self.config.constrain_to_context else None)
+                       contexts=contexts if self.config.constrain_to_context else None,
+                       na_thresh=self.config.na_prob_thresh)
 
 
 def load_answerer(config: Config, adapter: str | None, probe_examples: list[Example]) -> Answerer:

@@ -31,6 +31,7 @@ from loraqa.model import context_window, count_parameters, load_model, load_toke
 from loraqa.precision import apply_precision
 from loraqa.prompt import format_prompt
 from loraqa.recompute import enable_gradient_checkpointing
+from loraqa.runtime import allocator
 from loraqa.span import build_span_features
 from loraqa.tracking import Tracking
 from loraqa.train import probe_step, train
@@ -173,6 +174,9 @@ def run_train(config: Config, progress: bool = True) -> dict:
     model = prepare_model(model, config).to(device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if (config.gradient_checkpointing or config.max_batch_tokens) and device.type == "cpu" and allocator() == "glibc":
+        processes.log("memory: glibc's malloc fragments here; under jemalloc (LD_PRELOAD=.../libjemalloc.so.2) "
+                      "the same runs peaked lower at the same speed (docs/memory.md)")
     counts = parameter_counts(model, base_total)
     resumed = resumed_precision(out / CHECKPOINTS)
     precision, why = apply_precision(model, resumed or config.precision, device, processes=processes,
@@ -205,7 +209,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
         precision=precision, progress=progress, processes=processes, batch_tokens=config.eval_batch_tokens,
         no_answer_text=config.no_answer_text, na_probs=na_probs, constrain_to_context=config.constrain_to_context,
-        method=config.method, doc_stride=config.doc_stride)
+        method=config.method, doc_stride=config.doc_stride, na_prob_thresh=config.na_prob_thresh)
     metrics.update(counts)
     train_tokens = sum(r["train_tokens"] for r in history)
     metrics.update({
@@ -213,6 +217,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
         "train_windowed": train_stats.windowed, "train_dropped": train_stats.dropped,
         "train_tokens": train_tokens, "train_tokens_per_second": train_tokens / max(train_seconds, 1e-9),
         "gradient_checkpointing": config.gradient_checkpointing, "max_batch_tokens": config.max_batch_tokens,
+        "allocator": allocator(),
         "largest_batch_tokens": max(r.get("largest_batch_tokens", 0) for r in history),
         "processes": processes.world, "device": str(device), "precision": precision, "precision_reason": why,
         "max_length": max_length,
@@ -269,7 +274,7 @@ def run_evaluate(config: Config, adapter: str | None = None, progress: bool = Tr
         max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size, device=device,
         precision=precision, progress=progress, batch_tokens=config.eval_batch_tokens,
         no_answer_text=config.no_answer_text, na_probs=na_probs, constrain_to_context=config.constrain_to_context,
-        method=config.method, doc_stride=config.doc_stride)
+        method=config.method, doc_stride=config.doc_stride, na_prob_thresh=config.na_prob_thresh)
     metrics.update({"method": "adapter" if adapter else "zero-shot", "adapter": str(adapter) if adapter else None,
                     "trainable_params": 0, "total_params": base_total, "trainable_percent": 0.0,
                     "device": str(device), "precision": precision, "precision_reason": why,
