@@ -12,7 +12,7 @@ glibc's heap fragments under gradient checkpointing, where a step's live tensors
 SmolLM2-135M it held 500-800 MB of free chunks it did not reuse (``mallinfo2``), and they, not the
 activations, set the peak (not the optimizer's gradients, LoRA's dropout masks, malloc arenas, nor
 the settings above; trimming after every step did not help; giving activation-sized blocks their
-own ``mmap`` did, at 1.7-2.2x the time, every mapped page zero-filled on first touch). jemalloc
+own ``mmap`` did, at ~1.7x the time, every mapped page zero-filled on first touch). jemalloc
 (``LD_PRELOAD``, as PyTorch's ``torch.backends.xeon.run_cpu --enable-jemalloc`` sets it) reuses
 that memory at no cost in time; ``allocator`` says which one the process runs on.
 """
