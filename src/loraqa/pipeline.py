@@ -174,7 +174,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
     model = prepare_model(model, config).to(device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if (config.gradient_checkpointing or config.max_batch_tokens) and device.type == "cpu" and allocator() == "glibc":
+    malloc = allocator()  # read once: it bounds the peak as the settings do (runtime.py)
+    if (config.gradient_checkpointing or config.max_batch_tokens) and device.type == "cpu" and malloc == "glibc":
         processes.log("memory: glibc's malloc fragments here; under jemalloc (LD_PRELOAD=.../libjemalloc.so.2) "
                       "the same runs peaked lower at the same speed (docs/memory.md)")
     counts = parameter_counts(model, base_total)
@@ -217,7 +218,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
         "train_windowed": train_stats.windowed, "train_dropped": train_stats.dropped,
         "train_tokens": train_tokens, "train_tokens_per_second": train_tokens / max(train_seconds, 1e-9),
         "gradient_checkpointing": config.gradient_checkpointing, "max_batch_tokens": config.max_batch_tokens,
-        "allocator": allocator(),
+        "allocator": malloc,
         "largest_batch_tokens": max(r.get("largest_batch_tokens", 0) for r in history),
         "processes": processes.world, "device": str(device), "precision": precision, "precision_reason": why,
         "max_length": max_length,

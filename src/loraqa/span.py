@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from loraqa import IGNORE_INDEX
 from loraqa.data import Example
 from loraqa.features import FeatureStats
+from loraqa.precision import autocast
 
 SPAN_PREFIX = "Question: {question}\nContext:"
 
@@ -128,8 +129,6 @@ def answer_spans(model, tokenizer, examples: list[Example], *, max_length: int, 
                  device: torch.device, precision: str, allow_no_answer: bool, max_answer_tokens: int,
                  na_probs: dict[str, float] | None = None, progress: bool = False) -> tuple[dict[str, str], FeatureStats]:
     """Windows for ``examples``, then :func:`predict_spans` in ``precision``: (answers, window stats)."""
-    from loraqa.precision import autocast
-
     features, stats = build_span_features(tokenizer, examples, max_length, doc_stride)
     with autocast(device, precision):
         answers = predict_spans(model, tokenizer, examples, features, batch_size, device, allow_no_answer=allow_no_answer,
