@@ -13,7 +13,7 @@ from loraqa.features import build_train_features, collate_train
 from loraqa.lora import add_lora
 from loraqa.model import load_model
 from loraqa.recompute import enable_gradient_checkpointing
-from loraqa.train import causal_lm_loss, train
+from loraqa.train import causal_lm_loss, evaluate_loss, train
 
 CPU = torch.device("cpu")
 
@@ -98,6 +98,23 @@ def test_micro_batches_give_the_whole_batchs_update(tiny_model_dir, tokenizer, e
         torch.testing.assert_close(micro[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_eval_loss_keeps_within_the_token_budget(tiny_model_dir, tokenizer, examples):
+    """The epoch-end eval loss runs its batches as micro-batches too: a run bounded by
+    --max-batch-tokens must not peak in its eval loss (it did: 32 questions of 768 tokens at once)."""
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 256)
+    model = _lora(load_model(str(tiny_model_dir), dropout=0.0))
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    whole = evaluate_loss(model, features, 8, tokenizer.pad_token_id, CPU, "fp32")
+    widest, seen[:] = max(seen), []
+    budget = widest // 3
+    bounded = evaluate_loss(model, features, 8, tokenizer.pad_token_id, CPU, "fp32", max_batch_tokens=budget)
+    hook.remove()
+    assert bounded == pytest.approx(whole, rel=1e-5)
+    longest = max(len(f.input_ids) for f in features)
+    assert len(seen) > 1 and max(seen) <= max(budget, longest) < widest
+
+
 def test_both_settings_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_model_dir), "--train-file", str(SQUAD), "--eval-file", str(SQUAD),
                  "--epochs", "1", "--batch-size", "4", "--max-length", "128", "--max-new-tokens", "4",
@@ -112,6 +129,7 @@ def test_both_settings_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     assert metrics["allocator"] == allocator()  # the malloc bounds the peak too (runtime.py)
     assert ("glibc's malloc fragments" in err) == (allocator() == "glibc")
     assert 0 < metrics["largest_batch_tokens"] <= 300
+    assert 0 < metrics["train_peak_memory_mb"] <= metrics["peak_memory_mb"]  # training's peak, then the run's
 
 
 @pytest.mark.parametrize("collate", [collate_train, collate_context_train], ids=["plain", "passage batches"])

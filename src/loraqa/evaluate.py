@@ -47,13 +47,14 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
                                    max_answer_tokens=max_new_tokens, na_probs=probs, progress=show)
         counts = processes.sum(torch.tensor([stats.windowed, stats.dropped], dtype=torch.float64))
         stats.windowed, stats.dropped = int(counts[0]), int(counts[1])
-        features = examples  # questions answered, for the rate below
+        asked = len(examples)  # questions answered, for the rate below
     else:
         features, stats = build_eval_features(tokenizer, examples, template, max_length, max_new_tokens)
         mine = predict(model, tokenizer, features[processes.rank::processes.world], batch_size, max_new_tokens,
                        device, precision, show, batch_tokens, no_answer_text, probs,
                        {ex.id: ex.context for ex in examples} if constrain_to_context else None,
                        na_prob_thresh)
+        asked = len(features)  # a question too long to ask has no feature
     generated = dict(processes.gather([(qid, (answer, probs[qid])) for qid, answer in mine.items()]))
     seconds = time.perf_counter() - start
     predictions = {ex.id: generated.get(ex.id, ("", 1.0))[0] for ex in examples}  # file order
@@ -63,7 +64,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, template: str, max_le
     metrics = score(examples, predictions, probs)
     metrics.update({
         "eval_seconds": seconds,
-        "eval_questions_per_second": len(features) / seconds if seconds > 0 else 0.0,
+        "eval_questions_per_second": asked / seconds if seconds > 0 else 0.0,
         "eval_windowed": stats.windowed,
         "eval_dropped": stats.dropped,
         "empty_predictions": sum(1 for p in predictions.values() if not p),

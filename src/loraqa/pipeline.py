@@ -200,6 +200,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
                     device=device, precision=precision, processes=processes, on_epoch_end=on_epoch_end,
                     on_step_point=tracking.log_point, progress=progress, checkpoint_dir=out / CHECKPOINTS)
     train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
+    train_peak = peak_memory_mb(device)  # before evaluation's own batches, which --max-batch-tokens does not bound
     if processes.is_main:
         write_curves(out, history, steps)  # again: a resumed, already finished run calls no on_epoch_end
         save_trained(model, tokenizer, config, max_length, out)
@@ -222,7 +223,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
         "largest_batch_tokens": max(r.get("largest_batch_tokens", 0) for r in history),
         "processes": processes.world, "device": str(device), "precision": precision, "precision_reason": why,
         "max_length": max_length,
-        "peak_memory_mb": peak_memory_mb(device)})
+        "train_peak_memory_mb": train_peak, "peak_memory_mb": peak_memory_mb(device)})
     if processes.is_main:
         write_results(out, predictions, metrics, na_probs)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # complete: adapter/ or model/ holds the result

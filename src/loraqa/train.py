@@ -160,17 +160,19 @@ def _collate_for(features: list) -> Callable:
 
 @torch.no_grad()
 def evaluate_loss(model, features: list[Feature], batch_size: int, pad_id: int, device: torch.device,
-                  precision: str, processes: Processes | None = None) -> float:
-    """Token-weighted mean answer loss over ``features``, each process taking a share."""
+                  precision: str, processes: Processes | None = None, max_batch_tokens: int | None = None) -> float:
+    """Token-weighted mean answer loss over ``features``, each process taking a share; with
+    ``max_batch_tokens``, no forward pass runs over more padded tokens than training's."""
     processes = processes or Processes.single()
     model.eval()
     order = sorted(features, key=lambda f: len(f.input_ids))[processes.rank::processes.world]
     total = torch.zeros(2, dtype=torch.float64)  # (loss sum, answer tokens)
     for b in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in _collate_for(order)(order[b:b + batch_size], pad_id).items()}
-        with autocast(device, precision):
-            total[0] += answer_loss_sum(model, batch).item()
-        total[1] += _answer_tokens(batch)
+        for part in micro_batches(order[b:b + batch_size], _collate_for(order), pad_id, max_batch_tokens):
+            batch = {k: v.to(device) for k, v in part.items()}
+            with autocast(device, precision):
+                total[0] += answer_loss_sum(model, batch).item()
+            total[1] += _answer_tokens(batch)
     total = processes.sum(total)
     return float(total[0] / max(total[1], 1))
 
@@ -323,7 +325,7 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
             bar.close()
             row = {"epoch": epoch, "train_loss": state["loss_sum"] / max(state["loss_tokens"], 1),
                    "eval_loss": evaluate_loss(model, eval_features, config.eval_batch_size, pad_id, device,
-                                              precision, processes) if eval_features else None,
+                                              precision, processes, config.max_batch_tokens) if eval_features else None,
                    "train_seconds": state["seconds"], "train_tokens": state["real_tokens"],
                    "train_tokens_per_second": state["real_tokens"] / max(state["seconds"], 1e-9),
                    "lr": scheduler.get_last_lr()[0], "largest_batch_tokens": state.pop("largest_batch_tokens", 0)}
