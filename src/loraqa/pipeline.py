@@ -200,7 +200,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
                     device=device, precision=precision, processes=processes, on_epoch_end=on_epoch_end,
                     on_step_point=tracking.log_point, progress=progress, checkpoint_dir=out / CHECKPOINTS)
     train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
-    train_peak = peak_memory_mb(device)  # before evaluation's own batches, which --max-batch-tokens does not bound
+    train_peak = peak_memory_mb(device)  # before the final evaluation, whose batches --eval-batch-tokens bounds
     if processes.is_main:
         write_curves(out, history, steps)  # again: a resumed, already finished run calls no on_epoch_end
         save_trained(model, tokenizer, config, max_length, out)
