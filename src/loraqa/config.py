@@ -66,7 +66,8 @@ class Config:
     gradient_checkpointing: bool = _f(
         False, "recompute each layer's activations in the backward pass instead of keeping them (less memory, more time: docs/memory.md)")
     max_batch_tokens: int | None = _f(
-        None, "run a batch over N padded tokens as micro-batches with gradient accumulation (the same update)")
+        None, "run a batch over N padded tokens as micro-batches with gradient accumulation (the same update); "
+              "the epoch-end eval loss too")
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "share of steps with linear warmup; then linear decay to 0")
