@@ -13,6 +13,7 @@ from loraqa.features import build_train_features, collate_train
 from loraqa.lora import add_lora
 from loraqa.model import load_model
 from loraqa.recompute import enable_gradient_checkpointing
+from loraqa.runtime import allocator
 from loraqa.train import causal_lm_loss, evaluate_loss, train
 
 CPU = torch.device("cpu")
@@ -124,8 +125,6 @@ def test_both_settings_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     assert "largest batch this epoch:" in err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["gradient_checkpointing"] is True and metrics["max_batch_tokens"] == 300
-    from loraqa.runtime import allocator
-
     assert metrics["allocator"] == allocator()  # the malloc bounds the peak too (runtime.py)
     assert ("glibc's malloc fragments" in err) == (allocator() == "glibc")
     assert 0 < metrics["largest_batch_tokens"] <= 300

@@ -1,8 +1,11 @@
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
-from loraqa.runtime import keep_freed_memory
+from loraqa.runtime import allocator, keep_freed_memory
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -16,12 +19,6 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc process")
 def test_allocator_names_the_malloc_in_use():
-    import os
-    import subprocess
-    import sys
-
-    from loraqa.runtime import allocator
-
     assert allocator() == "glibc"
     if not os.path.exists(JEMALLOC):
         pytest.skip(f"{JEMALLOC} not installed (apt-get install libjemalloc2)")

@@ -4,13 +4,15 @@ import copy
 import json
 
 import pytest
+import torch
 
 from conftest import SQUAD
 from loraqa import IGNORE_INDEX
 from loraqa.cli import main
 from loraqa.config import DEFAULT_TEMPLATE, Config
 from loraqa.data import DataError, load_examples, load_file, parse_squad
-from loraqa.features import build_train_features, collate_train, target_ids
+from loraqa.features import build_eval_features, build_train_features, collate_train, no_answer_token, target_ids
+from loraqa.generate import predict
 
 V1 = json.loads(SQUAD.read_text())
 
@@ -169,11 +171,6 @@ def test_train_and_evaluate_on_a_v2_file_score_with_the_v2_rules(tiny_model_dir,
 
 
 def test_no_answer_probability_is_the_first_step_probability_of_eos(tiny_model, tokenizer, examples):
-    import torch
-
-    from loraqa.features import build_eval_features
-    from loraqa.generate import predict
-
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
     na_probs: dict[str, float] = {}
     predict(tiny_model, tokenizer, features, batch_size=4, max_new_tokens=6, device=torch.device("cpu"),
@@ -186,11 +183,6 @@ def test_no_answer_probability_is_the_first_step_probability_of_eos(tiny_model, 
 
 
 def test_the_no_answer_phrase_is_the_empty_answer(tiny_model, tokenizer, examples):
-    import torch
-
-    from loraqa.features import build_eval_features, no_answer_token, target_ids
-    from loraqa.generate import predict
-
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
     run = dict(model=tiny_model, tokenizer=tokenizer, features=features, batch_size=4, max_new_tokens=6,
                device=torch.device("cpu"), progress=False)
@@ -239,11 +231,6 @@ def test_ask_marks_no_answer(tiny_model_dir, tmp_path, capsys):
 
 
 def test_na_prob_thresh_not_the_argmax_decides_whether_to_answer(tiny_model, tokenizer, examples):
-    import torch
-
-    from loraqa.features import build_eval_features
-    from loraqa.generate import predict
-
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
     run = dict(tokenizer=tokenizer, features=features, batch_size=4, device=torch.device("cpu"), progress=False)
     first_tokens = predict(tiny_model, max_new_tokens=1, **run)
@@ -266,11 +253,6 @@ def test_na_prob_thresh_not_the_argmax_decides_whether_to_answer(tiny_model, tok
 
 
 def test_na_prob_thresh_splits_questions_by_their_probability(tiny_model, tokenizer, examples):
-    import torch
-
-    from loraqa.features import build_eval_features
-    from loraqa.generate import predict
-
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
     run = dict(model=tiny_model, tokenizer=tokenizer, features=features, batch_size=4, max_new_tokens=6,
                device=torch.device("cpu"), progress=False)
