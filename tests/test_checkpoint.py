@@ -9,13 +9,16 @@ from loraqa.config import DEFAULT_TEMPLATE, Config
 from loraqa.features import build_train_features
 from loraqa.lora import add_lora
 from loraqa.model import load_model
+from loraqa.recompute import enable_gradient_checkpointing
 from loraqa.train import train
 
 CPU = torch.device("cpu")
 
 
-def _fresh(tiny_model_dir):
+def _fresh(tiny_model_dir, no_dropout=False):
     torch.manual_seed(0)
+    if no_dropout:
+        return add_lora(load_model(str(tiny_model_dir), dropout=0.0), lora_dropout=0.0)
     return add_lora(load_model(str(tiny_model_dir)), lora_dropout=0.1)  # dropout: RNG state matters
 
 
@@ -57,6 +60,40 @@ def test_crash_and_resume_equals_uninterrupted(tiny_model_dir, tokenizer, exampl
     ref = dict(reference.named_parameters())
     for name, p in resumed_model.named_parameters():
         assert torch.equal(p, ref[name]), name
+
+
+def test_a_run_resumed_with_the_memory_settings_ends_where_it_would_have(tiny_model_dir, tokenizer, examples, tmp_path,
+                                                                         monkeypatch):
+    """The remedy for a run that ran out of memory late: resume it with checkpointing and micro-batches.
+    No dropout: micro-batches draw their own dropout masks, the same update only in distribution."""
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
+    reference = _fresh(tiny_model_dir, no_dropout=True)
+    expected = _train(reference, features, tokenizer, tmp_path / "a")
+
+    calls = {"n": 0}
+    real_collate = train_module.collate_train
+
+    def crashing_collate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in step 5, after step 4 was saved (as above)
+            raise MemoryError("simulated out of memory")
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "collate_train", crashing_collate)
+    with pytest.raises(MemoryError):
+        _train(_fresh(tiny_model_dir, no_dropout=True), features, tokenizer, tmp_path / "b", save_steps=2)
+    monkeypatch.setattr(train_module, "collate_train", real_collate)
+
+    resumed_model = _fresh(tiny_model_dir, no_dropout=True)
+    enable_gradient_checkpointing(resumed_model)
+    resumed = _train(resumed_model, features, tokenizer, tmp_path / "b", save_steps=2,
+                     gradient_checkpointing=True, max_batch_tokens=1)  # every question its own micro-batch
+
+    assert [r["epoch"] for r in resumed[0]] == [1, 2]
+    assert resumed[0][-1]["train_loss"] == pytest.approx(expected[0][-1]["train_loss"], rel=1e-5)
+    ref = dict(reference.named_parameters())
+    for name, p in resumed_model.named_parameters():
+        torch.testing.assert_close(p, ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_keeps_only_the_newest_checkpoints(tiny_model_dir, tokenizer, examples, tmp_path):

@@ -66,8 +66,8 @@ class Config:
     gradient_checkpointing: bool = _f(
         False, "recompute each layer's activations in the backward pass instead of keeping them (less memory, more time: docs/memory.md)")
     max_batch_tokens: int | None = _f(
-        None, "run a batch over N padded tokens as micro-batches with gradient accumulation (the same update); "
-              "the epoch-end eval loss too")
+        None, "run a batch over N padded tokens as micro-batches with gradient accumulation (the same update; "
+              "with LoRA dropout, other masks); the epoch-end eval loss too")
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "share of steps with linear warmup; then linear decay to 0")
@@ -143,6 +143,12 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# Settings a run may change when it resumes: they bound memory, pace checkpoints or name a tracker,
+# and leave the update the same (to float rounding; with LoRA dropout, micro-batches draw other masks),
+# so a run that ran out of memory at step 900 resumes with --gradient-checkpointing or --max-batch-tokens instead of starting over.
+RESUME_MAY_CHANGE = frozenset({"gradient_checkpointing", "max_batch_tokens", "save_steps", "keep_checkpoints",
+                               "report_to", "eval_batch_size", "eval_batch_tokens"})
 
 
 def _flag(name: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from loraqa.config import Config, save_config
+from loraqa.config import RESUME_MAY_CHANGE, Config, save_config
 from loraqa.data import load_examples
 from loraqa.distributed import Processes
 from loraqa.evaluate import evaluate
@@ -118,9 +118,12 @@ def claim_output_dir(config: Config) -> Path:
     if saved.is_file():
         previous = yaml.safe_load(saved.read_text()) or {}
         changed = sorted(k for k, v in config.to_dict().items() if previous.get(k, v) != v)
-        if changed:
-            raise ValueError(f"--output-dir {out} holds a run with other settings ({', '.join(changed)}); "
+        refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
+        if refused:
+            raise ValueError(f"--output-dir {out} holds a run with other settings ({', '.join(refused)}); "
                              "choose another folder, or remove it")
+        for k in changed:
+            log(f"{out}: {k} was {previous[k]!r}, now {getattr(config, k)!r} (a resumed run may change it)")
     elif out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--output-dir {out} is not empty and holds no loraqa run; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
