@@ -1,5 +1,7 @@
 """kill -9 in the middle of training, resume with the same command: the same weights as never stopped."""
 
+import ctypes.util
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SQUAD
+from loraqa.runtime import allocator
 
 
 def _command(model_dir, out):
@@ -41,6 +44,8 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(tiny_model_dir, t
     b = load_file(out / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
     assert (tmp_path / "ref" / "predictions.json").read_text() == (out / "predictions.json").read_text()
+    if ctypes.util.find_library("jemalloc") and allocator() == "glibc" and "LORAQA_ALLOCATOR" not in os.environ:
+        assert json.loads((out / "metrics.json").read_text())["allocator"] == "jemalloc"  # runtime.py
     ref_history = (tmp_path / "ref" / "history.jsonl").read_text().splitlines()
     new_history = (out / "history.jsonl").read_text().splitlines()
     assert len(ref_history) == len(new_history) == 8

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loraqa.config import fields, load_config
 from loraqa.fetch import SMOLLM2
-from loraqa.runtime import keep_freed_memory
+from loraqa.runtime import keep_freed_memory, run_under_jemalloc
 
 TRAIN_FLAGS = list(fields())
 EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "dataset", "columns", "allow_unanswerable",
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     # PEFT calls a transformers property that transformers deprecated; the warning is not the user's
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command line, not a call from Python: the same command under jemalloc (runtime.py)
+        run_under_jemalloc([sys.executable, "-m", "loraqa.cli", *sys.argv[1:]])
     keep_freed_memory()
     try:
         COMMANDS[args.command](args)

@@ -14,13 +14,16 @@ activations, set the peak (not the optimizer's gradients, LoRA's dropout masks, 
 the settings above; trimming after every step did not help; giving activation-sized blocks their
 own ``mmap`` did, at ~1.7x the time, every mapped page zero-filled on first touch). jemalloc
 (``LD_PRELOAD``, as PyTorch's ``torch.backends.xeon.run_cpu --enable-jemalloc`` sets it) reuses
-that memory at no cost in time; ``allocator`` says which one the process runs on.
+that memory at no cost in time, so the ``loraqa`` command runs itself again under jemalloc where the
+system has it (``run_under_jemalloc``; ``LORAQA_ALLOCATOR=glibc`` keeps glibc); ``allocator`` says
+which one the process runs on.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from pathlib import Path
 
@@ -55,3 +58,18 @@ def allocator() -> str:
         if f"lib{name}" in maps:
             return name
     return "glibc" if sys.platform.startswith("linux") and "libc.so" in maps else "system"
+
+
+def run_under_jemalloc(command: list[str]) -> None:
+    """Replace this process by ``command`` under jemalloc when this is a glibc process and the
+    system has jemalloc (Debian/Ubuntu: ``apt-get install libjemalloc2``); otherwise return.
+    ``LORAQA_ALLOCATOR`` set (to ``glibc``, or by the replaced process itself) leaves the process as it is."""
+    if os.environ.get("LORAQA_ALLOCATOR") or allocator() != "glibc":
+        return
+    library = ctypes.util.find_library("jemalloc")  # its soname, e.g. libjemalloc.so.2, as ldconfig knows it
+    if library is None:
+        return
+    preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), library]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, {**os.environ, "LD_PRELOAD": preload, "LORAQA_ALLOCATOR": "jemalloc"})
