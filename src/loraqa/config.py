@@ -146,7 +146,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 # Settings a run may change when it resumes: they bound memory, pace checkpoints or name a tracker,
 # and leave the update the same (to float rounding; with LoRA dropout, micro-batches draw other masks),
-# so a run that ran out of memory at step 900 resumes with --gradient-checkpointing or --max-batch-tokens instead of starting over.
+# so a run that ran out of memory at step 900 resumes with --gradient-checkpointing or
+# --max-batch-tokens instead of starting over.
 RESUME_MAY_CHANGE = frozenset({"gradient_checkpointing", "max_batch_tokens", "save_steps", "keep_checkpoints",
                                "report_to", "eval_batch_size", "eval_batch_tokens"})
 

@@ -181,7 +181,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
     if (config.gradient_checkpointing or config.max_batch_tokens) and device.type == "cpu" and malloc == "glibc":
         processes.log("memory: glibc's malloc fragments here and sets the peak; with jemalloc installed "
                       "(apt-get install libjemalloc2) the loraqa command runs on it: the same steps peaked at half, "
-                      "at the same speed (docs/memory.md)")
+                      "at about the same speed (docs/memory.md)")
     counts = parameter_counts(model, base_total)
     resumed = resumed_precision(out / CHECKPOINTS)
     precision, why = apply_precision(model, resumed or config.precision, device, processes=processes,
