@@ -28,11 +28,8 @@ def _train(model, features, tokenizer, folder, **kw):
                  precision="fp32", progress=False, checkpoint_dir=folder)
 
 
-def test_crash_and_resume_equals_uninterrupted(tiny_model_dir, tokenizer, examples, tmp_path, monkeypatch):
-    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)  # 3 steps an epoch
-    reference = _fresh(tiny_model_dir)
-    expected = _train(reference, features, tokenizer, tmp_path / "a")
-
+def _crash_in_step_5(monkeypatch, error: Exception, run) -> None:
+    """``run()`` (2 epochs of 3 steps) raises ``error`` in step 5, after step 4 was saved."""
     calls = {"n": 0}
     real_collate = train_module.collate_train
 
@@ -41,14 +38,23 @@ def test_crash_and_resume_equals_uninterrupted(tiny_model_dir, tokenizer, exampl
         # 3 batches collated up front (the largest batch is logged), 3 train steps, 1 eval-loss batch,
         # step 4 (saved): crash in step 5
         if calls["n"] == 9:
-            raise RuntimeError("simulated crash")
+            raise error
         return real_collate(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "collate_train", crashing_collate)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path / "b", save_steps=2)
-    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000003", "step-00000004"]
+    with pytest.raises(type(error), match=str(error)):
+        run()
     monkeypatch.setattr(train_module, "collate_train", real_collate)
+
+
+def test_crash_and_resume_equals_uninterrupted(tiny_model_dir, tokenizer, examples, tmp_path, monkeypatch):
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)  # 3 steps an epoch
+    reference = _fresh(tiny_model_dir)
+    expected = _train(reference, features, tokenizer, tmp_path / "a")
+
+    _crash_in_step_5(monkeypatch, RuntimeError("simulated crash"),
+                     lambda: _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path / "b", save_steps=2))
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000003", "step-00000004"]
 
     (tmp_path / "b" / ".step-00000005.tmp").mkdir()  # a save killed half-way is never loaded
     resumed_model = _fresh(tiny_model_dir)
@@ -70,19 +76,9 @@ def test_a_run_resumed_with_the_memory_settings_ends_where_it_would_have(tiny_mo
     reference = _fresh(tiny_model_dir, no_dropout=True)
     expected = _train(reference, features, tokenizer, tmp_path / "a")
 
-    calls = {"n": 0}
-    real_collate = train_module.collate_train
-
-    def crashing_collate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:  # in step 5, after step 4 was saved (as above)
-            raise MemoryError("simulated out of memory")
-        return real_collate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "collate_train", crashing_collate)
-    with pytest.raises(MemoryError):
-        _train(_fresh(tiny_model_dir, no_dropout=True), features, tokenizer, tmp_path / "b", save_steps=2)
-    monkeypatch.setattr(train_module, "collate_train", real_collate)
+    _crash_in_step_5(monkeypatch, MemoryError("simulated out of memory"),
+                     lambda: _train(_fresh(tiny_model_dir, no_dropout=True), features, tokenizer, tmp_path / "b",
+                                    save_steps=2))
 
     resumed_model = _fresh(tiny_model_dir, no_dropout=True)
     enable_gradient_checkpointing(resumed_model)

@@ -14,9 +14,9 @@ activations, set the peak (not the optimizer's gradients, LoRA's dropout masks, 
 the settings above; trimming after every step did not help; giving activation-sized blocks their
 own ``mmap`` did, at ~1.7x the time, every mapped page zero-filled on first touch). jemalloc
 (``LD_PRELOAD``, as PyTorch's ``torch.backends.xeon.run_cpu --enable-jemalloc`` sets it) reuses
-that memory at about the same speed (docs/memory.md), so the ``loraqa`` command runs itself again under jemalloc where the
-system has it (``run_under_jemalloc``; ``LORAQA_ALLOCATOR=glibc`` keeps glibc); ``allocator`` says
-which one the process runs on.
+that memory at about the same speed (docs/memory.md), so the ``loraqa`` command runs itself again
+under jemalloc where the system has it (``run_under_jemalloc``; ``LORAQA_ALLOCATOR=glibc`` keeps
+glibc); ``allocator`` says which one the process runs on.
 """
 
 from __future__ import annotations
