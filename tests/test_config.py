@@ -42,7 +42,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
 
 
 def test_presets_ship_in_the_package():
-    assert {"recommended", "gpt2-squad", "cpu-small", "compare-cpu", "compare-gpt2"} <= set(CONFIGS)
+    assert {"recommended", "best", "gpt2-squad", "cpu-small", "compare-cpu", "compare-gpt2"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("path", CONFIGS)
