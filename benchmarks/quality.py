@@ -68,6 +68,9 @@ SWEEP = {
     "recommended-dropout0": {"preset": "recommended", "lora_dropout": 0.0},
     "recommended-model-dropout0.1": {"preset": "recommended", "model_dropout": 0.1},
     "recommended-plain-template": {"preset": "recommended", "template": "{context}\n\nQ: {question}\nA:"},
+    # SmolLM2-Instruct's own chat format around the labelled prompt (the answer follows "Answer:")
+    "recommended-chat-template": {"preset": "recommended", "template": (
+        "<|im_start|>user\nContext: {context}\nQuestion: {question}<|im_end|>\n<|im_start|>assistant\nAnswer:")},
     # epochs against examples at about the same wall time: half the questions, twice
     "recommended-500x2": {"preset": "recommended", "max_train_examples": 500, "epochs": 2},
 }
