@@ -7,8 +7,8 @@ examples:
   loraqa ask --model M --adapter runs/mine/adapter --context "..." --question "..."
   loraqa serve --model M --adapter runs/mine/adapter    # POST /answer, and a page at http://127.0.0.1:8000
 
-Settings: a preset (--config recommended; presets: recommended, gpt2-squad, cpu-small,
-compare-cpu, compare-gpt2) or a YAML file, then flags. `loraqa COMMAND --help` lists a command's flags.
+Settings: a preset (--config recommended; presets: recommended, best, gpt2-squad,
+cpu-small, compare-cpu, compare-gpt2) or a YAML file, then flags. `loraqa COMMAND --help` lists a command's flags.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], command
         parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f.metadata["help"],
                             type=int if kind.startswith("int") else float if kind.startswith("float") else str,
                             choices=f.metadata.get("choices"))
-    parser.add_argument("--config", help="a preset's name (recommended, gpt2-squad, cpu-small, ...) or a YAML file; "
+    parser.add_argument("--config", help="a preset's name (recommended, best, gpt2-squad, ...) or a YAML file; "
                                          "flags override it")
 
 
