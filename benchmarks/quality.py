@@ -42,6 +42,8 @@ RECIPES = {
     "recommended": "recommended",  # the shipped preset (src/loraqa/configs/recommended.yaml)
     # the recommended recipe on 4,000 questions, one epoch: ~45 minutes of this CPU's training
     "recommended-4k": {"preset": "recommended", "max_train_examples": 4000},
+    # does the best learning rate move with more data? recommended-4k at lr 3e-4
+    "recommended-4k-lr3e-4": {"preset": "recommended", "max_train_examples": 4000, "lr": 3e-4},
     # the bigger-budget preset (src/loraqa/configs/best.yaml): every training question, ~2 hours here
     "best": {"preset": "best", "max_train_examples": None},
     # the same adapter settings, answers held to spans of the passage (--constrain-to-context)
