@@ -7,8 +7,8 @@ examples:
   loraqa ask --model M --adapter runs/mine/adapter --context "..." --question "..."
   loraqa serve --model M --adapter runs/mine/adapter    # POST /answer, and a page at http://127.0.0.1:8000
 
-Settings: a preset (--config recommended; presets: recommended, best, gpt2-squad,
-cpu-small, compare-cpu, compare-gpt2) or a YAML file, then flags. `loraqa COMMAND --help` lists a command's flags.
+Settings: a preset (--config recommended; `loraqa train --help` names them all) or a YAML file, then
+flags. `loraqa COMMAND --help` lists a command's flags.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from loraqa.config import fields, load_config
+from loraqa.config import fields, load_config, presets
 from loraqa.fetch import SMOLLM2
 from loraqa.runtime import keep_freed_memory, run_under_jemalloc
 
@@ -49,8 +49,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], command
         parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f.metadata["help"],
                             type=int if kind.startswith("int") else float if kind.startswith("float") else str,
                             choices=f.metadata.get("choices"))
-    parser.add_argument("--config", help="a preset's name (recommended, best, gpt2-squad, ...) or a YAML file; "
-                                         "flags override it")
+    parser.add_argument("--config", help=f"a preset's name ({', '.join(presets())}) or a YAML file; flags override it")
 
 
 def build_parser() -> argparse.ArgumentParser:
