@@ -20,14 +20,15 @@ import time
 
 import torch
 
-from loraqa.batching import collate_context_train, context_batches, context_groups, micro_batches
+from loraqa.data.batching import collate_context_train, context_batches, context_groups, micro_batches
 from loraqa.config import load_config
-from loraqa.features import build_train_features
-from loraqa.lora import prepare_model
-from loraqa.pipeline import config_examples, load_base, resolve_max_length
-from loraqa.recompute import enable_gradient_checkpointing
+from loraqa.data.features import build_train_features
+from loraqa.model.lora import prepare_model
+from loraqa.model.load import load_base, resolve_max_length
+from loraqa.runs import load_questions
+from loraqa.model.recompute import enable_gradient_checkpointing
 from loraqa.runtime import allocator
-from loraqa.train import answer_loss_sum
+from loraqa.training.loss import answer_loss_sum
 
 
 def peak_mb() -> float:
@@ -44,7 +45,7 @@ def main() -> None:
         raise SystemExit("this replays passage batches (group_by_passage: true)")
     model, tokenizer, _ = load_base(config)
     max_length = resolve_max_length(config, model, tokenizer)
-    examples = config_examples(config, config.train_file, "train", config.max_train_examples)
+    examples = load_questions(config, "train")
     features, _ = build_train_features(tokenizer, examples, config.template, max_length,
                                        no_answer_text=config.no_answer_text)
     batches = context_batches(context_groups(features), config.batch_size, config.seed + 1)

@@ -108,8 +108,8 @@ def main() -> None:
     deadline = time.monotonic() + args.deadline
 
     from loraqa.config import load_config
-    from loraqa.data import load_file
-    from loraqa.inference import ask
+    from loraqa.data.load import load_file
+    from loraqa.inference.answerer import ask
 
     examples = load_file(args.eval_file, "validation")[:args.requests]  # file order: a passage's questions together
     bodies = [{"context": ex.context, "question": ex.question} for ex in examples]
@@ -151,7 +151,7 @@ def main() -> None:
               "concurrent_batches": health["batches"] - health_before["batches"],
               "speedup": round(rows[1]["requests_per_s"] / rows[0]["requests_per_s"], 2), "rows": rows}
     print(json.dumps(report, indent=2))
-    print(f"\n| mode | requests | errors | wall s | requests/s | p50 s | p95 s | same as ask |\n|---|---|---|---|---|---|---|---|")
+    print("\n| mode | requests | errors | wall s | requests/s | p50 s | p95 s | same as ask |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['requests']} | {r['errors']} | {r['wall_s']} | {r['requests_per_s']} | "
               f"{r['p50_s']} | {r['p95_s']} | {r['same_as_ask']}/{r['requests']} |")

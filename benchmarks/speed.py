@@ -46,7 +46,7 @@ def phase_matmul(args) -> dict:
     """Peak matmul GFLOP/s per dtype; a small probe first, since bf16 without hardware support is slow."""
     import torch
 
-    from loraqa.precision import native_bf16
+    from loraqa.model.precision import native_bf16
 
     out = {}
     sizes = (512, 2048) if args.device == "cpu" else (2048, 8192)
@@ -73,8 +73,8 @@ def phase_matmul(args) -> dict:
 def _setup(args):
     import torch
 
-    from loraqa.data import load_examples
-    from loraqa.model import load_model, load_tokenizer
+    from loraqa.data.load import load_examples
+    from loraqa.model.load import load_model, load_tokenizer
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -98,10 +98,11 @@ def phase_train_loraqa(args) -> dict:
     import torch
 
     from loraqa.config import DEFAULT_TEMPLATE, Config
-    from loraqa.features import build_train_features
-    from loraqa.lora import add_lora
-    from loraqa.precision import apply_precision
-    from loraqa.train import probe_step, train
+    from loraqa.data.features import build_train_features
+    from loraqa.model.lora import add_lora
+    from loraqa.model.precision import apply_precision
+    from loraqa.training.loop import train
+    from loraqa.training.loss import train_step_probe
 
     model, tokenizer, examples, _ = _setup(args)
     features, stats = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, args.max_length)
@@ -110,7 +111,7 @@ def phase_train_loraqa(args) -> dict:
     model = add_lora(model, args.r, 2 * args.r, 0.1)
     device = torch.device(args.device)
     precision, why = apply_precision(model, args.precision, device,  # what `loraqa train` does
-                                     probe_step(model, features, args.batch_size, tokenizer.pad_token_id, device))
+                                     train_step_probe(model, features, args.batch_size, tokenizer.pad_token_id, device))
     config = Config(epochs=1, batch_size=args.batch_size, lr=2e-4, seed=args.seed)
     history, _ = train(model, features, [], config, pad_id=tokenizer.pad_token_id, device=device,
                        precision=precision, progress=False)
@@ -125,7 +126,7 @@ def phase_train_standard(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from loraqa.prompt import format_target, prompt_of
+    from loraqa.data.prompt import format_target, prompt_of
     from loraqa.config import DEFAULT_TEMPLATE
 
     model, tokenizer, examples, _ = _setup(args)
@@ -157,22 +158,19 @@ def phase_train_standard(args) -> dict:
 def phase_eval_loraqa(args) -> dict:
     import torch
 
-    from loraqa.config import DEFAULT_TEMPLATE
-    from loraqa.config import Config
-    from loraqa.evaluate import evaluate
-    from loraqa.generate import stop_token_ids
-    from loraqa.pipeline import inference_precision
+    from loraqa.inference.answerer import inference_precision
+    from loraqa.inference.evaluation import evaluate
+    from loraqa.inference.generate import stop_token_ids
+    from loraqa.inference.settings import DecodeSettings
 
     model, tokenizer, _, examples = _setup(args)
     stop_token_ids(tokenizer)  # cached on the tokenizer; computed before the clock, as for the standard recipe
     device = torch.device(args.device)
-    config = Config(precision=args.precision, max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size)
-    precision, why = inference_precision(model, tokenizer, config, device, examples, args.max_length)  # as `loraqa evaluate`
+    settings = DecodeSettings(args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+                              batch_tokens=args.eval_batch_tokens)
+    precision, why = inference_precision(model, tokenizer, settings, args.precision, device, examples)  # as `loraqa evaluate`
     start = time.perf_counter()
-    predictions, metrics = evaluate(model, tokenizer, examples, template=DEFAULT_TEMPLATE, max_length=args.max_length,
-                                    max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-                                    device=device, precision=precision, progress=False,
-                                    batch_tokens=args.eval_batch_tokens)
+    predictions, _, metrics = evaluate(model, tokenizer, examples, settings, device, precision, progress=False)
     seconds = time.perf_counter() - start
     return {"precision": precision, "why": why, "questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
             "f1": metrics["f1"], "predictions": predictions, "peak_mb": peak_mb(args)}
@@ -182,9 +180,9 @@ def phase_eval_standard(args) -> dict:
     import torch
 
     from loraqa.config import DEFAULT_TEMPLATE
-    from loraqa.generate import stop_token_ids
-    from loraqa.metrics import squad_scores
-    from loraqa.prompt import cut_answer, prompt_of
+    from loraqa.inference.generate import stop_token_ids
+    from loraqa.scoring.squad_v1 import squad_scores
+    from loraqa.data.prompt import cut_answer, prompt_of
 
     model, tokenizer, _, examples = _setup(args)
     model.eval()

@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from loraqa.data import read_text  # noqa: E402
+from loraqa.data.examples import read_text  # noqa: E402
 from loraqa.io import write_json_atomic  # noqa: E402
-from loraqa.metrics import normalize_answer  # noqa: E402
+from loraqa.scoring.squad_v1 import normalize_answer  # noqa: E402
 
 
 def mentions(context: str, answer: str) -> bool:

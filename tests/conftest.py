@@ -57,21 +57,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def tokenizer(tiny_model_dir):
-    from loraqa.model import load_tokenizer
+    from loraqa.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 
 
 @pytest.fixture()
 def tiny_model(tiny_model_dir):
-    from loraqa.model import load_model
+    from loraqa.model.load import load_model
 
     return load_model(str(tiny_model_dir))
 
 
 @pytest.fixture()
 def examples():
-    from loraqa.data import load_squad_file
+    from loraqa.data.squad import load_squad_file
 
     return load_squad_file(SQUAD)
 

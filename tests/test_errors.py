@@ -78,7 +78,7 @@ def test_adapter_for_another_base_model(files, tmp_path, capsys):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from loraqa.lora import add_lora
+    from loraqa.model.lora import add_lora
 
     other = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_positions=512, n_embd=48, n_layer=2, n_head=2))
     torch.manual_seed(0)

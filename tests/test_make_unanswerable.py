@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from conftest import SQUAD
-from loraqa.data import load_examples
+from loraqa.data.load import load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from conftest import SQUAD
-from loraqa.batching import collate_context_train, micro_batches, padded_tokens
+from loraqa.data.batching import collate_context_train, micro_batches, padded_tokens
 from loraqa.cli import main
 from loraqa.config import DEFAULT_TEMPLATE, Config
-from loraqa.features import build_train_features, collate_train
-from loraqa.lora import add_lora
-from loraqa.model import load_model
-from loraqa.recompute import enable_gradient_checkpointing
+from loraqa.data.features import build_train_features, collate_train
+from loraqa.model.lora import add_lora
+from loraqa.model.load import load_model
+from loraqa.model.recompute import enable_gradient_checkpointing
 from loraqa.runtime import allocator
-from loraqa.train import causal_lm_loss, evaluate_loss, train
+from loraqa.training.loop import train
+from loraqa.training.loss import answer_loss_sum, answer_tokens, evaluate_loss
 
 CPU = torch.device("cpu")
 
@@ -30,7 +31,7 @@ def _lora(tiny_model):
 
 def _loss_and_grads(model, batch):
     model.zero_grad()
-    loss = causal_lm_loss(model, batch)
+    loss = answer_loss_sum(model, batch) / answer_tokens(batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -2,8 +2,8 @@
 
 import json
 
-from loraqa.data import load_examples, sample_file
-from loraqa.fetch import SMOLLM2
+from loraqa.data.load import load_examples, sample_file
+from loraqa.model.fetch import SMOLLM2
 from loraqa.quickstart import ask_command, quickstart_config, summary
 
 

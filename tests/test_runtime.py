@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from loraqa.runtime import allocator, keep_freed_memory, run_under_jemalloc
+from loraqa.runtime import allocator, keep_freed_memory
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

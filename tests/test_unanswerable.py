@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,9 +11,12 @@ from conftest import SQUAD
 from loraqa import IGNORE_INDEX
 from loraqa.cli import main
 from loraqa.config import DEFAULT_TEMPLATE, Config
-from loraqa.data import DataError, load_examples, load_file, parse_squad
-from loraqa.features import build_eval_features, build_train_features, collate_train, no_answer_token, target_ids
-from loraqa.generate import predict
+from loraqa.data.examples import DataError
+from loraqa.data.load import load_examples, load_file
+from loraqa.data.squad import parse_squad
+from loraqa.data.features import build_eval_features, build_train_features, collate_train, no_answer_token, target_ids
+from loraqa.inference.generate import predict
+from loraqa.inference.settings import DecodeSettings
 
 V1 = json.loads(SQUAD.read_text())
 
@@ -173,7 +177,7 @@ def test_train_and_evaluate_on_a_v2_file_score_with_the_v2_rules(tiny_model_dir,
 def test_no_answer_probability_is_the_first_step_probability_of_eos(tiny_model, tokenizer, examples):
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
     na_probs: dict[str, float] = {}
-    predict(tiny_model, tokenizer, features, batch_size=4, max_new_tokens=6, device=torch.device("cpu"),
+    predict(tiny_model, tokenizer, features, DecodeSettings(512, batch_size=4, max_new_tokens=6), torch.device("cpu"),
             progress=False, na_probs=na_probs)
     assert set(na_probs) == {f.id for f in features}
     with torch.no_grad():  # each prompt alone, no padding, no shared prefix
@@ -184,19 +188,19 @@ def test_no_answer_probability_is_the_first_step_probability_of_eos(tiny_model, 
 
 def test_the_no_answer_phrase_is_the_empty_answer(tiny_model, tokenizer, examples):
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
-    run = dict(model=tiny_model, tokenizer=tokenizer, features=features, batch_size=4, max_new_tokens=6,
-               device=torch.device("cpu"), progress=False)
-    plain = predict(**run)
+    settings = DecodeSettings(512, batch_size=4, max_new_tokens=6)
+    run = dict(model=tiny_model, tokenizer=tokenizer, features=features, device=torch.device("cpu"), progress=False)
+    plain = predict(settings=settings, **run)
     said = next(a for a in plain.values() if a)  # whatever the tiny model says, taken as its "no answer"
     na_probs: dict[str, float] = {}
-    mapped = predict(**run, no_answer_text=said, na_probs=na_probs)
+    mapped = predict(settings=replace(settings, no_answer_text=said), na_probs=na_probs, **run)
     assert mapped == {k: "" if a == said else a for k, a in plain.items()}
     assert no_answer_token(tokenizer, said) == target_ids(tokenizer, said)[0] != tokenizer.eos_token_id
     assert no_answer_token(tokenizer) == tokenizer.eos_token_id and all(0 <= p <= 1 for p in na_probs.values())
 
 
 def test_train_on_v2_writes_na_probs_that_score_gives_the_same_best_thresholds(tiny_model_dir, tmp_path, capsys):
-    from loraqa.pipeline import adapter_settings
+    from loraqa.model.lora import adapter_settings
 
     path = tmp_path / "v2.json"
     path.write_text(json.dumps(_v2()))
@@ -232,8 +236,9 @@ def test_ask_marks_no_answer(tiny_model_dir, tmp_path, capsys):
 
 def test_na_prob_thresh_not_the_argmax_decides_whether_to_answer(tiny_model, tokenizer, examples):
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
-    run = dict(tokenizer=tokenizer, features=features, batch_size=4, device=torch.device("cpu"), progress=False)
-    first_tokens = predict(tiny_model, max_new_tokens=1, **run)
+    run = dict(tokenizer=tokenizer, features=features, device=torch.device("cpu"), progress=False)
+    settings = DecodeSettings(512, batch_size=4, max_new_tokens=6)
+    first_tokens = predict(tiny_model, settings=replace(settings, max_new_tokens=1), **run)
     eos = tokenizer.eos_token_id
     # EOS made every step's argmax: greedy says "no answer" to everything, P(no answer) ~ 1
     def eos_first(module, args, out):
@@ -241,10 +246,10 @@ def test_na_prob_thresh_not_the_argmax_decides_whether_to_answer(tiny_model, tok
 
     hook = tiny_model.register_forward_hook(eos_first)
     try:
-        assert set(predict(tiny_model, max_new_tokens=6, **run).values()) == {""}
+        assert set(predict(tiny_model, settings=settings, **run).values()) == {""}
         na_probs: dict[str, float] = {}
-        kept = predict(tiny_model, max_new_tokens=6, na_thresh=1.0, na_probs=na_probs, **run)
-        dropped = predict(tiny_model, max_new_tokens=6, na_thresh=0.5, **run)
+        kept = predict(tiny_model, settings=replace(settings, na_prob_thresh=1.0), na_probs=na_probs, **run)
+        dropped = predict(tiny_model, settings=replace(settings, na_prob_thresh=0.5), **run)
     finally:
         hook.remove()
     assert min(na_probs.values()) > 0.5
@@ -254,12 +259,12 @@ def test_na_prob_thresh_not_the_argmax_decides_whether_to_answer(tiny_model, tok
 
 def test_na_prob_thresh_splits_questions_by_their_probability(tiny_model, tokenizer, examples):
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
-    run = dict(model=tiny_model, tokenizer=tokenizer, features=features, batch_size=4, max_new_tokens=6,
-               device=torch.device("cpu"), progress=False)
+    settings = DecodeSettings(512, batch_size=4, max_new_tokens=6)
+    run = dict(model=tiny_model, tokenizer=tokenizer, features=features, device=torch.device("cpu"), progress=False)
     na_probs: dict[str, float] = {}
-    plain = predict(**run, na_probs=na_probs)
+    plain = predict(settings=settings, na_probs=na_probs, **run)
     thresh = sorted(na_probs.values())[len(na_probs) // 2]
-    answers = predict(**run, na_thresh=thresh)
+    answers = predict(settings=replace(settings, na_prob_thresh=thresh), **run)
     assert any(p > thresh for p in na_probs.values()) and any(p <= thresh for p in na_probs.values())
     for qid, p in na_probs.items():
         if p > thresh:

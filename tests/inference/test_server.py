@@ -1,0 +1,150 @@
+"""`loraqa serve` in-process: a real uvicorn server on 127.0.0.1 (a free port), stopped after."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from loraqa.cli import main
+from loraqa.config import load_config
+from loraqa.inference.answerer import ask, load_answerer
+from loraqa.inference.server import Batcher, build_app, MAX_BODY_BYTES
+
+
+def start_server(app):
+    """(base url, stop) for ``app`` served on a free loopback port in a thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def request(url: str, body: bytes | dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir):
+    return load_config(None, {"model": str(tiny_model_dir), "precision": "fp32", "max_new_tokens": 5})
+
+
+@pytest.fixture(scope="module")
+def server(config):
+    from conftest import SQUAD
+    from loraqa.data.squad import load_squad_file
+
+    answerer = load_answerer(config, None, load_squad_file(SQUAD))
+    url, stop = start_server(build_app(answerer, max_batch_size=8, max_wait_ms=50))
+    yield url
+    stop()
+
+
+def test_answers_equal_ask_one_at_a_time_and_together(server, config, examples):
+    expected = ask(config, None, examples)
+    status, one = request(f"{server}/answer", {"context": examples[0].context, "question": examples[0].question})
+    assert status == 200 and one["answer"] == expected[examples[0].id] and one["seconds"] >= 0
+    assert one["no_answer"] is (one["answer"] == "")
+    with ThreadPoolExecutor(len(examples)) as pool:  # every question at once, several per passage
+        replies = list(pool.map(lambda ex: request(f"{server}/answer", {"context": ex.context, "question": ex.question}),
+                                examples))
+    assert [r[0] for r in replies] == [200] * len(examples)
+    assert [r[1]["answer"] for r in replies] == [expected[ex.id] for ex in examples]
+    status, health = request(f"{server}/health")
+    assert status == 200 and health["status"] == "ok"
+    assert health["batches"] < health["questions"], "concurrent requests were decoded together"
+
+
+def test_many_questions_in_one_request_come_back_in_order(server, config, examples):
+    expected = ask(config, None, examples)
+    rows = [{"context": ex.context, "question": ex.question, "id": ex.id} for ex in examples[:5]]
+    rows[1].pop("id")
+    status, reply = request(f"{server}/answer", {"questions": rows})
+    assert status == 200
+    assert [a["id"] for a in reply["answers"]] == [examples[0].id, "2", *[ex.id for ex in examples[2:5]]]
+    assert [a["answer"] for a in reply["answers"]] == [expected[ex.id] for ex in examples[:5]]
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 422, "JSON object"),
+    ({"context": "Denver won."}, 422, "'question'"),
+    ({"context": "Denver won.", "question": 3}, 422, "'question' must be a non-empty string"),
+    ({"context": "Denver won.", "question": "   "}, 422, "non-empty"),
+    ({"context": ["Denver"], "question": "Who?"}, 422, "'context'"),
+    ({"questions": []}, 422, "non-empty list"),
+    ({"questions": [{"context": "Denver won.", "question": "Who?"}, "x"]}, 422, "questions[1]"),
+    ({"context": "Denver won the game. " * 200, "question": "Who won?"}, 422, "passage too long"),
+    (b'{"context": "' + b"a" * MAX_BODY_BYTES + b'", "question": "Who?"}', 413, "body over"),
+])
+def test_bad_requests_get_a_4xx_with_a_reason_and_the_server_goes_on(server, body, status, reason):
+    got, reply = request(f"{server}/answer", body)
+    assert got == status and reason in reply["error"] and "\n" not in reply["error"]
+    assert request(f"{server}/health")[0] == 200
+
+
+def test_the_page_and_unknown_routes(server):
+    with urllib.request.urlopen(f"{server}/", timeout=10) as response:
+        page = response.read().decode()
+    assert 'id="context"' in page and 'id="question"' in page and 'id="answer"' in page
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{server}/nowhere", timeout=10)
+    assert e.value.code == 404
+
+
+def test_the_batcher_takes_whole_passages_oldest_first_within_its_bound():
+    import asyncio
+
+    from loraqa.data.features import Feature
+
+    class Recorder:  # stands in for Answerer: records what is decoded together
+        batches = []
+
+        def decode(self, features, contexts, progress=False):
+            time.sleep(0.2)
+            self.batches.append([f.input_ids[0] for f in features])
+            return {f.id: str(f.input_ids[0]) for f in features}
+
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=3, max_wait_ms=0)
+        runner = asyncio.create_task(batcher.run())
+        first = asyncio.create_task(batcher.answer([Feature("q", [0], 1)], "p0"))
+        await asyncio.sleep(0.05)  # the first batch is decoding; these wait, passages interleaved
+        rest = [asyncio.create_task(batcher.answer([Feature("q", [i], 1)], p))
+                for i, p in enumerate(["p1", "p2", "p1", "p2", "p1"], 1)]
+        answers = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        runner.cancel()
+        batcher.close()
+        return answers
+
+    assert asyncio.run(scenario()) == [[str(i)] for i in range(6)]  # each request gets its own answer
+    assert Recorder.batches == [[0], [1, 3, 5], [2, 4]]  # p1's questions share a prefill, at most 3 a batch
+
+
+def test_serve_checks_its_limits_before_loading(capsys):
+    assert main(["serve", "--model", "no/such-model", "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size must be >= 1" in capsys.readouterr().err
