@@ -77,3 +77,17 @@ def examples():
 
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"needs the shared data folder at {SHARED}")
+
+
+def make_adapter(tiny_model_dir, folder):
+    """A saved LoRA adapter on the tiny GPT-2 whose B matrices are not zero (so it changes the outputs)."""
+    from loraqa.model.load import load_model
+    from loraqa.model.lora import add_lora
+
+    torch.manual_seed(0)
+    model = add_lora(load_model(str(tiny_model_dir)), lora_dropout=0.0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(folder)
+    return folder

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from conftest import SQUAD
+from loraqa import cli
 from loraqa.cli import main
 
 
@@ -39,7 +40,7 @@ def test_train_writes_every_file_of_the_run_folder(run):
 
 def test_evaluate_on_the_saved_adapter_reproduces_the_predictions(run, tiny_model_dir, tmp_path):
     code = main(["evaluate", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"),
-                 "--eval-file", str(SQUAD), "--output-dir", str(tmp_path), "--batch-size", "4",
+                 "--eval-file", str(SQUAD), "--output-dir", str(tmp_path), "--eval-batch-size", "4",
                  "--max-new-tokens", "6", "--precision", "fp32", "--quiet"])
     assert code == 0
     assert json.loads((tmp_path / "predictions.json").read_text()) == json.loads((run / "predictions.json").read_text())
@@ -68,3 +69,15 @@ def test_every_help_page_renders(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
     assert done.value.code == 0 and "usage: loraqa" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command, names", [("evaluate", cli.EVAL_FLAGS), ("ask", cli.ASK_FLAGS)])
+def test_batch_size_is_the_older_name_of_eval_batch_size_in_evaluate_and_ask(command, names, capsys):
+    """One name per meaning: --batch-size is training's; evaluate and ask still take it, unlisted."""
+    args = cli.build_parser().parse_args([command, "--batch-size", "8"])
+    assert cli._config(args, names).eval_batch_size == 8
+    assert "--eval-batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = capsys.readouterr().out
+    assert "--eval-batch-size" in help_text and "--batch-size" not in help_text

@@ -25,11 +25,12 @@ from loraqa.runtime import keep_freed_memory, run_under_jemalloc
 
 TRAIN_FLAGS = list(fields())
 EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "dataset", "columns", "allow_unanswerable",
-              "no_answer_text", "method", "doc_stride", "max_eval_examples", "template", "max_length", "eval_batch_size", "eval_batch_tokens", "max_new_tokens",
-              "constrain_to_context", "na_prob_thresh", "precision", "seed", "output_dir"]
+              "no_answer_text", "method", "doc_stride", "max_eval_examples", "template", "max_length",
+              "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "constrain_to_context", "na_prob_thresh",
+              "precision", "seed", "output_dir"]
 ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "no_answer_text", "method", "doc_stride",
-             "allow_unanswerable", "eval_batch_size",
-             "eval_batch_tokens", "max_new_tokens", "constrain_to_context", "na_prob_thresh", "precision", "seed"]
+             "allow_unanswerable", "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "constrain_to_context",
+             "na_prob_thresh", "precision", "seed"]
 MERGE_FLAGS = ["model", "init", "tokenizer", "method", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from conftest import SHARED, needs_shared
+from conftest import SHARED, make_adapter, needs_shared
+from loraqa.cli import main
 from loraqa.config import load_config
 from loraqa.model.lora import add_lora, default_target_modules, load_adapter, parameter_counts, prepare_model
 from loraqa.model.load import count_parameters, load_model
@@ -76,3 +77,18 @@ def test_rslora_scales_by_sqrt_rank(tiny_model):
     model = add_lora(tiny_model, r=4, lora_alpha=8, use_rslora=True)
     layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
     assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # plain LoRA: 8 / 4
+
+
+def test_merge_writes_a_plain_model_with_the_adapters_outputs(tiny_model_dir, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter),
+                 "--output-dir", str(tmp_path / "merged")]) == 0
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
+    ids = torch.tensor([[3, 17, 42, 99, 5, 7]])
+    with torch.no_grad():
+        merged = load_model(str(tmp_path / "merged"))(input_ids=ids).logits
+        unmerged = load_adapter(load_model(str(tiny_model_dir)), adapter).eval()(input_ids=ids).logits
+        base = load_model(str(tiny_model_dir))(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base, unmerged, atol=1e-3)

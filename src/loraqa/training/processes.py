@@ -9,9 +9,10 @@ counters, gather predictions and keep file writing on the main process.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
+
+from loraqa.io import log
 
 
 class Processes:
@@ -82,5 +83,6 @@ class Processes:
             self.accelerator.wait_for_everyone()
 
     def log(self, message: str) -> None:
+        """``io.log`` on the main process only."""
         if self.is_main:
-            print(f"[loraqa] {message}", file=sys.stderr, flush=True)
+            log(message)
