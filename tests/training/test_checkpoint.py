@@ -98,3 +98,36 @@ def test_keeps_only_the_newest_checkpoints(tiny_model_dir, tokenizer, examples, 
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
     assert {f.name for f in (tmp_path / "step-00000006").iterdir()} == {
         "trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng-0.pt", "state.json"}
+
+
+def test_a_kill_while_a_checkpoint_is_deleted_never_leaves_it_half_there(tiny_model_dir, tmp_path, monkeypatch):
+    """Saving a step again (each epoch's end) and pruning old steps delete folders; a kill half-way
+    must not leave a folder named like a checkpoint with files missing (a resume would load it)."""
+    from loraqa.training import checkpoint
+
+    model = add_lora(load_model(str(tiny_model_dir)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def save(step):
+        checkpoint.save_checkpoint(tmp_path, step, model, optimizer, scheduler, scaler, {"step": step}, keep=2)
+
+    save(1)
+    save(2)
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_half_way(path, ignore_errors=False):  # deletes one file, then the process "dies"
+        files = sorted(p for p in path.iterdir()) if path.is_dir() else []
+        if files:
+            files[0].unlink()
+            raise KeyboardInterrupt("killed")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_half_way)
+    for step in (3, 3):  # step 3 prunes step 1 (keep 2); then step 3 is saved again
+        with pytest.raises(KeyboardInterrupt):
+            save(step)
+    complete = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "state.json", "rng-0.pt"}
+    listed = list_checkpoints(tmp_path)
+    assert listed and all({p.name for p in c.iterdir()} == complete for c in listed), listed

@@ -39,7 +39,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(tiny_model_dir, t
 
     resumed = subprocess.run(_command(tiny_model_dir, out), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stderr
+    assert "resuming from" in resumed.stderr, (steps, resumed.stderr[-3000:])
     a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
     b = load_file(out / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical

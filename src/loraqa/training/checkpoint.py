@@ -4,8 +4,9 @@ A checkpoint is a folder ``checkpoints/step-00000123/`` holding
     trainable.safetensors   the trainable weights (LoRA adapters, or every weight for 'full')
     optimizer.pt, scheduler.pt, scaler.pt, rng-<rank>.pt (one per process)
     state.json              epoch, batch position in the epoch, step, partial sums, history
-It is written under a temporary name and renamed when complete, so a crash never leaves a
-half-written checkpoint that looks finished; only the newest ``keep`` are kept.
+It is written under a temporary name and renamed when complete, and renamed away before it is
+deleted, so a crash never leaves a half-written or half-deleted checkpoint that looks finished;
+only the newest ``keep`` are kept.
 """
 
 from __future__ import annotations
@@ -50,12 +51,22 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, scaler
     torch.save(rng, tmp / f"rng-{processes.rank}.pt")
     processes.barrier()
     if processes.is_main:
-        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (Ctrl-C right after a save)
+        if final.exists():  # the same step saved again (an epoch's end, Ctrl-C right after a save)
+            _discard(final)
         tmp.rename(final)
         for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     processes.barrier()
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Rename out of :func:`list_checkpoints`' sight, then delete: a kill half-way through the
+    deletion never leaves a half-deleted checkpoint under a name that a resume would load."""
+    trash = checkpoint.with_name(f".{checkpoint.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    checkpoint.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
