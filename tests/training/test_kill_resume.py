@@ -15,6 +15,11 @@ from conftest import SQUAD
 from loraqa.runtime import allocator
 
 
+# MKL's fp32 matmul may take another code path for differently aligned buffers (AVX-512 CPUs), and a
+# resumed process allocates differently: strict CNR mode pins the bits this test compares
+ENV = {**os.environ, "MKL_CBWR": "AUTO,STRICT"}
+
+
 def _command(model_dir, out):
     return [sys.executable, "-m", "loraqa.cli", "train", "--model", str(model_dir), "--train-file", str(SQUAD),
             "--eval-file", str(SQUAD), "--output-dir", str(out), "--epochs", "8", "--batch-size", "2",
@@ -22,11 +27,12 @@ def _command(model_dir, out):
 
 
 def test_sigkill_mid_training_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
-    reference = subprocess.run(_command(tiny_model_dir, tmp_path / "ref"), capture_output=True, text=True, timeout=300)
+    reference = subprocess.run(_command(tiny_model_dir, tmp_path / "ref"), capture_output=True, text=True, timeout=300,
+                               env=ENV)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_command(tiny_model_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(tiny_model_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 120
     while time.time() < deadline and not any((out / "checkpoints").glob("step-*")):
         time.sleep(0.01)
@@ -37,7 +43,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(tiny_model_dir, t
     steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert steps, "no checkpoint before the kill"
 
-    resumed = subprocess.run(_command(tiny_model_dir, out), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_command(tiny_model_dir, out), capture_output=True, text=True, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr, (steps, resumed.stderr[-3000:])
     a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
