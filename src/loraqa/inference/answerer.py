@@ -41,7 +41,9 @@ class Answerer:
     settings: DecodeSettings
     device: torch.device
     precision: str
-    name: str  # the model, as given (GET /health)
+    precision_reason: str
+    name: str         # the model, as given (GET /health)
+    base_params: int  # the base model's parameters
 
     def features(self, examples: list[Example]) -> tuple[list[Feature], FeatureStats]:
         """Prompts within the token budget; contexts cut from the end where too long (counted)."""
@@ -59,13 +61,13 @@ def load_answerer(config: Config, adapter: str | None, probe_examples: list[Exam
     """Model (+ adapter) on this machine's device, in the precision ``inference_precision`` picks
     (where ``auto`` needs a probe, it prefills a batch of ``probe_examples``' prompts)."""
     device = Processes.single().device
-    model, tokenizer, _ = load_base(config)
+    model, tokenizer, base_params = load_base(config)
     settings = DecodeSettings.from_config(config, resolve_max_length(config, model, tokenizer))
     if adapter:
         model = load_adapter(model, adapter)
     model.to(device)
-    precision, _ = inference_precision(model, tokenizer, settings, config.precision, device, probe_examples)
-    return Answerer(model, tokenizer, settings, device, precision, config.model)
+    precision, why = inference_precision(model, tokenizer, settings, config.precision, device, probe_examples)
+    return Answerer(model, tokenizer, settings, device, precision, why, config.model, base_params)
 
 
 def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False) -> dict[str, str]:
