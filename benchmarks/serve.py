@@ -4,6 +4,12 @@ a time; throughput, p50/p95 latency, errors, and whether the answers are `loraqa
     python benchmarks/serve.py --model ../shared/data/gpt2 --init random \
         --eval-file ../shared/data/squad/proxy-dev-v1.1.json --requests 64 --max-new-tokens 16
 
+    python benchmarks/serve.py --model ../shared/data/gpt2 --init random --soak 180 --clients 8
+
+--soak SECONDS: instead, N clients ask in a loop for that long (after a --warmup), bounded in time
+and count; prints requests, errors, p50/p95 latency, and the server's RSS after the warm-up and at
+the end.
+
 The server is the real command (`python -m loraqa.cli serve ...`) in a subprocess on 127.0.0.1; the
 requests are the file's first passages with all their questions (several questions a passage, as
 users ask), one `POST /answer` each. Then `ask` runs in this process with the same settings and
@@ -77,6 +83,51 @@ def concurrent(url: str, bodies: list[dict], timeout: float) -> tuple[list, floa
     return [r or (timeout, None, "no reply in time") for r in results], wall
 
 
+def rss_mb(pid: int) -> float:
+    """The resident set size of process ``pid`` now (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmRSS for process {pid}")
+
+
+def soak(url: str, bodies: list[dict], pid: int, args) -> dict:
+    """``args.clients`` threads post ``bodies`` round-robin until the warm-up and the soak have
+    passed (or ``args.max_requests`` were sent); latencies and errors count after the warm-up."""
+    start = time.monotonic()
+    warm_end, end = start + args.warmup, start + args.warmup + args.soak
+    results: list = []
+    sent = iter(range(args.max_requests))
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        i = c
+        while time.monotonic() < end:
+            with lock:
+                if next(sent, None) is None:
+                    return
+            result = post(url, bodies[i % len(bodies)], args.timeout)
+            if time.monotonic() > warm_end and time.monotonic() < end + args.timeout:
+                with lock:
+                    results.append(result)
+            i += args.clients
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(args.clients)]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, warm_end - time.monotonic()))
+    rss = [(0.0, rss_mb(pid))]
+    while time.monotonic() < end:  # RSS once a minute, and at the end
+        time.sleep(min(60.0, max(0.0, end - time.monotonic())))
+        rss.append((round(time.monotonic() - warm_end, 1), rss_mb(pid)))
+    for t in threads:
+        t.join(args.timeout + 5)
+    report = summary(f"soak {args.soak:g} s, {args.clients} clients", results, args.soak)
+    report.update({"rss_after_warmup_mb": round(rss[0][1], 1), "rss_end_mb": round(rss[-1][1], 1),
+                   "rss_growth": round(rss[-1][1] / rss[0][1] - 1, 4), "rss_curve_mb": rss})
+    return report
+
+
 def wait_healthy(base: str, server: subprocess.Popen, deadline: float) -> dict:
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -102,6 +153,10 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
     parser.add_argument("--deadline", type=float, default=1200.0, help="seconds the whole run may take")
+    parser.add_argument("--soak", type=float, help="seconds of a soak: --clients ask in a loop (after --warmup)")
+    parser.add_argument("--clients", type=int, default=8, help="soak: clients asking at once")
+    parser.add_argument("--warmup", type=float, default=20.0, help="soak: seconds before latencies and RSS count")
+    parser.add_argument("--max-requests", type=int, default=1_000_000, help="soak: a bound on requests sent")
     args = parser.parse_args()
     if not 1 <= args.requests <= 1024:
         raise SystemExit("--requests must be in 1..1024")
@@ -127,6 +182,11 @@ def main() -> None:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_healthy(base, server, deadline)
+        if args.soak:
+            report = soak(f"{base}/answer", bodies, server.pid, args)
+            report["batches"] = wait_healthy(base, server, deadline)["batches"]
+            print(json.dumps(report, indent=2))
+            return
         post(f"{base}/answer", bodies[0], args.timeout)  # warm-up: first-call costs are no request's
         seq, seq_wall = one_at_a_time(f"{base}/answer", bodies, args.timeout)
         if time.monotonic() > deadline:

@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="most questions decoded together (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a request waits for others to share its batch (default: %(default)s)")
+    p.add_argument("--api-key-file", help="a file holding the API key that POST /answer then needs as "
+                                          "'Authorization: Bearer KEY' (or set LORAQA_API_KEY)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name the server answers to besides its address, e.g. the name a reverse proxy "
+                        "or your team uses (repeatable; '*' allows any)")
+    p.add_argument("--unauthenticated", action="store_true",
+                   help="serve anyone who can reach the port: --host other than this machine without an API key")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds a request may take before it gets a 504 (default: %(default)s); also how long "
+                        "SIGTERM / Ctrl-C waits for the requests in flight")
     return parser
 
 
@@ -224,7 +234,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = _config(args, ASK_FLAGS)  # the same settings as `ask`
     if config.method == "span":
         raise ValueError("loraqa serve answers by generation; a --method span model answers with loraqa ask")
-    serve(config, args.adapter, args.host, args.port, args.max_batch_size, args.max_wait_ms)
+    serve(config, args.adapter, args.host, args.port, args.max_batch_size, args.max_wait_ms, args.api_key_file,
+          args.allowed_host, args.unauthenticated, args.request_timeout)
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,

@@ -13,7 +13,9 @@ import pytest
 from loraqa.cli import main
 from loraqa.config import load_config
 from loraqa.inference.answerer import ask, load_answerer
-from loraqa.inference.server import Batcher, build_app, MAX_BODY_BYTES
+from loraqa.inference.batcher import Batcher
+from loraqa.inference.request import MAX_BODY_BYTES
+from loraqa.inference.server import build_app
 
 
 def start_server(app):
@@ -38,11 +40,11 @@ def start_server(app):
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
-def request(url: str, body: bytes | dict | None = None) -> tuple[int, dict]:
+def request(url: str, body: bytes | dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=30) as response:
+        with urllib.request.urlopen(req, timeout=60) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())

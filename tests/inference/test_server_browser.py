@@ -67,3 +67,35 @@ def test_the_page_answers_questions_in_a_row(tiny_model_dir, tmp_path):
     finally:
         browser.quit()
         stop()
+
+
+def test_the_page_asks_for_the_key_once_and_sends_it(tiny_model_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from loraqa.config import load_config
+    from loraqa.inference.access import Access, host_names
+
+    config = load_config(None, {"model": str(tiny_model_dir), "precision": "fp32", "max_new_tokens": 5})
+    examples = [Example(str(i), "", PASSAGE, q, ()) for i, q in enumerate(QUESTIONS)]
+    expected = ask(config, None, examples)
+    browser = _browser()
+    access = Access("s3cret", host_names("127.0.0.1", []))
+    url, stop = start_server(build_app(load_answerer(config, None, examples), access=access))
+    try:
+        browser.get(url)
+        browser.find_element(By.ID, "context").send_keys(PASSAGE)
+        browser.find_element(By.ID, "question").send_keys(QUESTIONS[0], Keys.ENTER)
+        prompt = WebDriverWait(browser, 30).until(expected_conditions.alert_is_present())  # the 401 asks
+        prompt.send_keys("s3cret")
+        prompt.accept()
+        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#history li")) == 1)
+        assert browser.find_element(By.ID, "answer").text == (expected["0"] or "(no answer)")
+        browser.find_element(By.ID, "question").send_keys(QUESTIONS[1], Keys.ENTER)  # no second prompt
+        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
+        assert browser.find_element(By.ID, "answer").text == (expected["1"] or "(no answer)")
+    finally:
+        browser.quit()
+        stop()
