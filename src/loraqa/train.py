@@ -37,6 +37,8 @@ from loraqa.training.tracking import Tracking
 def run_train(config: Config, progress: bool = True) -> dict:
     """Train with ``config``, save the adapter (or model), evaluate, and write the run folder."""
     processes = Processes.from_environment()
+    if processes.world > 1:  # every process says where it stands
+        log(processes.describe())
     out = claim_output_dir(config) if processes.is_main else Path(config.output_dir)
     # --report-to: only the main process sends; elsewhere every call is a no-op
     tracking = Tracking(config.report_to if processes.is_main else None, out, config.to_dict())

@@ -1,14 +1,17 @@
 """This process's place among several training processes, through Accelerate.
 
 Launched plainly (``loraqa train``) there is one process and nothing here talks to anyone.
-Launched by ``torchrun --nproc_per_node N`` or ``accelerate launch``, Accelerate sets up the
+Launched by ``torchrun`` or ``accelerate launch``, on one machine or several, Accelerate sets up the
 process group (gloo on CPUs, NCCL on GPUs), DDP averages gradients, and these helpers sum
-counters, gather predictions and keep file writing on the main process.
+counters, gather predictions and keep file writing on the main process. Every rank here is the
+*global* one (``RANK``): data is shared out and files are written by it, never by the local rank,
+which is 0 on every machine (docs/machines.md).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -18,7 +21,8 @@ from loraqa.io import log
 class Processes:
     def __init__(self, accelerator=None) -> None:
         self.accelerator = accelerator
-        self.rank = accelerator.process_index if accelerator else 0
+        self.rank = accelerator.process_index if accelerator else 0  # global: 0 .. world - 1 over all machines
+        self.local_rank = accelerator.local_process_index if accelerator else 0
         self.world = accelerator.num_processes if accelerator else 1
         self.is_main = self.rank == 0
 
@@ -81,6 +85,13 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
+
+    def describe(self) -> str:
+        """This process's place, and whether it writes the run folder (one line per process)."""
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        role = "writes the run folder and the log" if self.is_main else "trains its share; process 0 writes"
+        return (f"process {self.rank} of {self.world} (local rank {self.local_rank} on {socket.gethostname()}"
+                + (f", after {restarts} restart(s) by torchrun" if restarts else "") + f"): {role}")
 
     def log(self, message: str) -> None:
         """``io.log`` on the main process only."""
