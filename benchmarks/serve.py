@@ -160,7 +160,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.requests <= 1024:
         raise SystemExit("--requests must be in 1..1024")
-    deadline = time.monotonic() + args.deadline
+    # a soak runs for its own --soak seconds; the deadline bounds the start and the end around it
+    deadline = time.monotonic() + args.deadline + ((args.soak or 0) + args.warmup + args.timeout if args.soak else 0)
 
     from loraqa.config import load_config
     from loraqa.data.load import load_file
@@ -184,8 +185,8 @@ def main() -> None:
         wait_healthy(base, server, deadline)
         if args.soak:
             report = soak(f"{base}/answer", bodies, server.pid, args)
-            report["batches"] = wait_healthy(base, server, deadline)["batches"]
-            print(json.dumps(report, indent=2))
+            print(json.dumps(report), flush=True)  # before anything else can fail
+            print(f"server after the soak: {wait_healthy(base, server, deadline)}")
             return
         post(f"{base}/answer", bodies[0], args.timeout)  # warm-up: first-call costs are no request's
         seq, seq_wall = one_at_a_time(f"{base}/answer", bodies, args.timeout)
