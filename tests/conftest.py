@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,10 @@ def make_adapter(tiny_model_dir, folder):
             torch.nn.init.normal_(p, std=0.5)
     model.save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server or a rendezvous a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

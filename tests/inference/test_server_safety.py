@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SQUAD
+from conftest import SQUAD, free_port
 from loraqa.config import load_config
 from loraqa.data.squad import load_squad_file
 from loraqa.inference.access import Access, host_names
@@ -97,14 +96,8 @@ def test_a_request_past_the_timeout_gets_a_504_and_the_next_is_served(answerer):
         stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(tiny_model_dir):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "loraqa.cli", "serve", "--model", str(tiny_model_dir),
                              "--port", str(port), "--precision", "fp32", "--max-new-tokens", "5",

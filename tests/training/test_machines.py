@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SQUAD
+from conftest import SQUAD, free_port
 
 TIMEOUT = 240  # seconds any one launch may take
 # a fresh rendezvous store each round: torchrun's shared one keeps the last round's keys, and a
 # restarted worker may read its lost peer's old address from them (docs/machines.md)
 AGENT_ENV = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flags(model_dir, out: Path, epochs: int = 2) -> list[str]:
@@ -42,7 +35,7 @@ def _agents(flags: list[str], logs: Path, max_restarts: int = 0) -> list[subproc
     """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1; each
     writes its output (and its workers') to ``logs/agent-N.log``: a file, not a pipe, that a
     worker outliving its agent cannot hold open."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"loraqa-{endpoint}",
                "--max-restarts", str(max_restarts), "--monitor-interval", "0.5", *flags]
@@ -102,7 +95,7 @@ def two_machines(tiny_model_dir, tmp_path_factory):
 def test_two_machines_train_as_one_machine_with_two_processes(two_machines, tiny_model_dir, tmp_path):
     out, logs = two_machines
     one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), *_flags(tiny_model_dir, tmp_path / "one",
+                          "127.0.0.1", "--master_port", str(free_port()), *_flags(tiny_model_dir, tmp_path / "one",
                                                                                     epochs=4)],
                          capture_output=True, text=True, timeout=TIMEOUT)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -1,20 +1,13 @@
 """Two CPU processes (torchrun + gloo) train and evaluate like one process with the same global batch."""
 
 import json
-import socket
 import subprocess
 import sys
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import SQUAD
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import SQUAD, free_port
 
 
 def test_two_processes_equal_one(tiny_model_dir, tmp_path):
@@ -27,7 +20,7 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                           "-m", "loraqa.cli", *flags, "--output-dir", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-4000:]

@@ -69,10 +69,6 @@ async def read_body(request, limit: int = MAX_BODY_BYTES, drain_seconds: float =
     is sent (``Content-Length`` or chunked). The rest of an oversized body is read and dropped, as
     nginx's lingering close does, so the client has sent everything when the 413 comes and reads it;
     a body still arriving after ``drain_seconds`` is cut off (the connection closes)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        await drain(request, drain_seconds)
-        raise RequestError(413, f"body over {limit} bytes")
     body, size, stop = bytearray(), 0, time.monotonic() + drain_seconds
     async for chunk in request.stream():
         size += len(chunk)
