@@ -70,7 +70,7 @@ def phase_matmul(args) -> dict:
     return out
 
 
-def _setup(args):
+def _setup(args, model: bool = True):
     import torch
 
     from loraqa.data.load import load_examples
@@ -78,7 +78,7 @@ def _setup(args):
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, args.init, args.seed).to(args.device)
+    model = load_model(args.model, args.init, args.seed).to(args.device) if model else None
     train = load_examples(args.train_file, "train", args.train_examples)
     evals = load_examples(args.eval_file, "validation", args.eval_examples)
     return model, tokenizer, train, evals
@@ -155,25 +155,82 @@ def phase_train_standard(args) -> dict:
             "tokens_per_second": real / seconds, "peak_mb": peak_mb(args)}
 
 
-def phase_eval_loraqa(args) -> dict:
-    import torch
+def _eval_flops(model, tokenizer, examples, args, needed: dict[str, int]) -> float:
+    """Useful model FLOPs of answering ``examples``: each passage prefix once per group of its
+    questions (as loraqa shares it), each question's own tokens, and each generated token up to
+    its stop (``needed``); the LM head only where a next token is chosen. Forward only: 2 * N_body
+    per token, 4 * n_layer * d_model * position for attention, 2 * d_model * V per chosen token."""
+    import os
 
-    from loraqa.inference.answerer import inference_precision
+    from loraqa.config import DEFAULT_TEMPLATE
+    from loraqa.data.batching import shared_prefix_batches
+    from loraqa.data.features import build_eval_features
+
+    config = model.config
+    d, n_layer = config.hidden_size, config.num_hidden_layers
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    if not config.tie_word_embeddings:
+        body -= model.get_output_embeddings().weight.numel()
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, args.max_length, args.max_new_tokens)
+    flops = 0.0
+    for batch in shared_prefix_batches(features, args.eval_batch_size, args.eval_batch_tokens, args.max_new_tokens):
+        for group in batch:
+            prompts = [f.input_ids[:f.n_prompt] for f in group]
+            shared = min(min(len(p) for p in prompts) - 1, len(os.path.commonprefix(prompts)))
+            flops += 2 * body * shared + 4 * n_layer * d * shared * (shared - 1) / 2
+            for f in group:
+                new = needed.get(f.id, args.max_new_tokens)
+                fed = f.n_prompt - shared + new - 1  # its own prompt tokens, then each generated token but the last
+                flops += 2 * body * fed + 4 * n_layer * d * sum(range(shared, shared + fed)) + 2 * d * config.vocab_size * new
+    return flops
+
+
+def _counting_generated(tokenizer):
+    """Wraps loraqa's decoder to record each row's generated tokens up to its stop, in decoding order."""
+    from loraqa.inference import generate
+
+    stops, original, order = set(generate.stop_token_ids(tokenizer)), generate.greedy_generate, []
+
+    def counted(*a, **k):
+        out = original(*a, **k)
+        order.extend(next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in out[0].tolist())
+        return out
+
+    generate.greedy_generate = counted
+    return order
+
+
+def phase_eval_loraqa(args) -> dict:
+    from loraqa.config import Config
+    from loraqa.inference.answerer import load_answerer
     from loraqa.inference.evaluation import evaluate
     from loraqa.inference.generate import stop_token_ids
-    from loraqa.inference.settings import DecodeSettings
 
-    model, tokenizer, _, examples = _setup(args)
-    stop_token_ids(tokenizer)  # cached on the tokenizer; computed before the clock, as for the standard recipe
-    device = torch.device(args.device)
-    settings = DecodeSettings(args.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-                              batch_tokens=args.eval_batch_tokens)
-    precision, why = inference_precision(model, tokenizer, settings, args.precision, device, examples)  # as `loraqa evaluate`
+    _, _, _, examples = _setup(args, model=False)
+    config = Config(model=args.model, init=args.init, tokenizer=args.tokenizer, precision=args.precision, seed=args.seed,
+                    max_length=args.max_length, max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
+                    eval_batch_tokens=args.eval_batch_tokens)
+    answerer = load_answerer(config, args.adapter, examples)  # what `loraqa evaluate` loads: the adapter merged
+    stop_token_ids(answerer.tokenizer)  # cached on the tokenizer; computed before the clock, as for the standard recipe
+    lengths = _counting_generated(answerer.tokenizer)
     start = time.perf_counter()
-    predictions, _, metrics = evaluate(model, tokenizer, examples, settings, device, precision, progress=False)
+    predictions, _, metrics = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings, answerer.device,
+                                       answerer.precision, progress=False)
     seconds = time.perf_counter() - start
-    return {"precision": precision, "why": why, "questions": len(examples), "seconds": seconds, "questions_per_second": len(examples) / seconds,
+    rows = [f.id for f in _decode_order(answerer, examples, args)]
+    flops = _eval_flops(answerer.model, answerer.tokenizer, examples, args, dict(zip(rows, lengths)))
+    return {"precision": answerer.precision, "why": answerer.precision_reason, "questions": len(examples),
+            "seconds": seconds, "questions_per_second": len(examples) / seconds, "flops": flops,
             "f1": metrics["f1"], "predictions": predictions, "peak_mb": peak_mb(args)}
+
+
+def _decode_order(answerer, examples, args):
+    """The questions in the order loraqa's decoder answers them (its batches, row by row)."""
+    from loraqa.data.batching import shared_prefix_batches
+
+    features, _ = answerer.features(examples)
+    return [f for batch in shared_prefix_batches(features, args.eval_batch_size, args.eval_batch_tokens,
+                                                 args.max_new_tokens) for g in batch for f in g]
 
 
 def phase_eval_standard(args) -> dict:
@@ -185,6 +242,9 @@ def phase_eval_standard(args) -> dict:
     from loraqa.data.prompt import cut_answer, prompt_of
 
     model, tokenizer, _, examples = _setup(args)
+    if args.adapter:  # PEFT's model, as users load an adapter: applied unmerged
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, args.adapter)
     model.eval()
     stops = stop_token_ids(tokenizer)  # the same stopping rule as loraqa: EOS or a newline
     predictions = {}
@@ -214,12 +274,14 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--init", default="pretrained", choices=["pretrained", "random"])
     p.add_argument("--tokenizer")
+    p.add_argument("--adapter", help="a trained adapter both evaluation phases answer with (loraqa merges it, "
+                                     "the standard recipe applies it unmerged with PEFT)")
     p.add_argument("--train-file", required=True)
     p.add_argument("--eval-file", required=True)
     p.add_argument("--train-examples", type=int, default=200)
     p.add_argument("--eval-examples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--eval-batch-tokens", type=int, default=16384)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--fixed-length", type=int, default=384, help="the standard recipe's padded length")
@@ -259,9 +321,11 @@ def report(runs: dict, args, precisions: list[str]) -> None:
         phase, precision = name.split("@")
         if not phase.endswith("-loraqa") or precision == precisions[0]:
             r[phase] = row
-    where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    import torch
+
+    where = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}")
     if args.device != "cpu":
-        import torch
         where = f"{torch.cuda.get_device_name()} ({where})"
     memory = "peak RSS MB" if args.device == "cpu" else "peak GPU MB"
     print(f"\nmachine: {where}; model {args.model} "
@@ -289,6 +353,15 @@ def report(runs: dict, args, precisions: list[str]) -> None:
               f"   ratio {ours['questions_per_second'] / std['questions_per_second']:.2f}x   (loraqa in {ours['precision']})")
         print(f"eval   {memory:15s} loraqa {ours['peak_mb']:8.0f}   standard {std['peak_mb']:8.0f}")
         print(f"eval   identical predictions: {same}/{len(std['predictions'])}; F1 loraqa {ours['f1']:.2f}, standard {std['f1']:.2f}")
+        if "matmul" in r:
+            fp32 = r["matmul"]["fp32_gflops"]
+            for name, row in (("loraqa", ours), ("standard", std)):
+                achieved = ours["flops"] / row["seconds"] / 1e9  # the same useful FLOPs credited to both
+                print(f"eval   {name:8s} model {achieved:6.1f} GFLOP/s = {100 * achieved / fp32:.1f}% of fp32 peak")
+            if "train-loraqa" in r:
+                train_share = r["train-loraqa"]["tokens_per_second"] * r["train-loraqa"]["flops_per_token"] / 1e9 / fp32
+                eval_share = ours["flops"] / ours["seconds"] / 1e9 / fp32
+                print(f"eval   loraqa's share of the peak is {eval_share / train_share:.2f}x training's")
     native = r.get("matmul", {}).get("native_bf16")
     print("\nloraqa by precision (bf16: frozen weights stored in bf16, LoRA weights and optimizer fp32)")
     print(f"{'precision':10s} {'chosen':8s} {'bf16 here':10s} {'train tok/s':>12s} {'eval q/s':>9s}  why")

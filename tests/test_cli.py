@@ -81,3 +81,36 @@ def test_batch_size_is_the_older_name_of_eval_batch_size_in_evaluate_and_ask(com
         main([command, "--help"])
     help_text = capsys.readouterr().out
     assert "--eval-batch-size" in help_text and "--batch-size" not in help_text
+
+
+def test_answering_gives_what_peft_and_generate_give_one_question_at_a_time(run, tiny_model_dir):
+    """The answering path (adapter merged, passages prefilled once, rows in runs and leaving as they
+    stop) answers a trained adapter's questions as the standard recipe does: PEFT's unmerged model
+    and transformers' greedy ``generate``, one question at a time."""
+    import torch
+
+    from loraqa.config import Config
+    from loraqa.data.features import build_eval_features
+    from loraqa.data.prompt import cut_answer
+    from loraqa.data.squad import load_squad_file
+    from loraqa.inference.answerer import load_answerer
+    from loraqa.inference.generate import stop_token_ids
+    from loraqa.model.load import load_model
+    from loraqa.model.lora import load_adapter
+
+    examples = load_squad_file(SQUAD)
+    config = Config(model=str(tiny_model_dir), max_length=128, max_new_tokens=6, eval_batch_size=4, precision="fp32")
+    answerer = load_answerer(config, str(run / "adapter"), examples)
+    assert not hasattr(answerer.model, "peft_config")  # merged: a plain transformers model
+    features, _ = answerer.features(examples)
+    ours = answerer.decode(features, {ex.id: ex.context for ex in examples})
+
+    tokenizer = answerer.tokenizer
+    peft = load_adapter(load_model(str(tiny_model_dir)), run / "adapter").eval()
+    theirs = {}
+    for f in build_eval_features(tokenizer, examples, config.template, 128, 6)[0]:
+        ids = torch.tensor([f.input_ids[:f.n_prompt]])
+        out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        theirs[f.id] = cut_answer(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    assert ours == theirs and len(ours) == len(examples)

@@ -83,7 +83,7 @@ class Config:
     # --- evaluation --------------------------------------------------------------------------
     eval_loss_examples: int | None = _f(
         None, "score the per-epoch eval loss on the first N evaluation questions (0 skips it; default: all)")
-    eval_batch_size: int = _f(32, "most questions decoded together")
+    eval_batch_size: int = _f(64, "most questions decoded together")
     eval_batch_tokens: int = _f(16384, "most cached tokens in a decoding batch (rows x (prompt + new tokens))")
     max_new_tokens: int = _f(32, "longest generated answer, in tokens")
     constrain_to_context: bool = _f(False, "decode only answers that are spans of the passage (train's "

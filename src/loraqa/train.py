@@ -21,7 +21,7 @@ from loraqa.inference.evaluation import evaluate
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log, save_dir_atomic
 from loraqa.model.load import load_base, resolve_max_length
-from loraqa.model.lora import ADAPTER_SETTINGS, parameter_counts, prepare_model
+from loraqa.model.lora import ADAPTER_SETTINGS, merge_for_answering, parameter_counts, prepare_model
 from loraqa.model.precision import apply_precision
 from loraqa.model.recompute import enable_gradient_checkpointing
 from loraqa.model.span import build_span_features
@@ -75,6 +75,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
         write_curves(out, history, steps)  # again: a resumed, already finished run calls no on_epoch_end
         save_trained(model, tokenizer, config, max_length, out)
 
+    model = merge_for_answering(model, precision)  # as `loraqa evaluate` answers: its predictions are these
     predictions, na_probs, metrics = evaluate(model, tokenizer, eval_examples,
                                               DecodeSettings.from_config(config, max_length), device, precision,
                                               processes=processes, progress=progress)

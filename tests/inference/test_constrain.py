@@ -37,9 +37,9 @@ def test_the_constraint_takes_the_best_token_that_fits(tokenizer):
                  if tokenizer.decode([i]).strip().isalpha() and tokenizer.decode([i]).strip() not in "The mill was rebuilt")
     logits = torch.zeros(1, len(tokenizer))
     logits[0, stray], logits[0, mill] = 5.0, 4.0
-    assert rule(logits, [[]], torch.tensor([False])).tolist() == [mill]  # stray is likelier but not in the passage
+    assert rule(logits, [[]], [0]).tolist() == [mill]  # stray is likelier but not in the passage
     logits[0, mill] = -1.0  # nothing in the top 3 fits: the answer ends
-    assert rule(logits, [[]], torch.tensor([False])).tolist() == [tokenizer.eos_token_id]
+    assert rule(logits, [[]], [0]).tolist() == [tokenizer.eos_token_id]
 
 
 def test_evaluate_flag_holds_answers_to_the_passage(tiny_model_dir, tmp_path):

@@ -51,3 +51,34 @@ def test_rows_stop_at_eos_or_newline(tokenizer):
     word = tokenizer(" Denver", add_special_tokens=False)["input_ids"]
     rows = torch.tensor([word + [newline] + word, word + [tokenizer.eos_token_id] + word])
     assert decode_answers(tokenizer, rows, stops) == ["Denver", "Denver"]
+
+
+def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_before(tiny_model, tokenizer, examples):
+    """Stop tokens picked so rows stop at different steps: the rows still going after others
+    have left (their cache compacted away) produce exactly the tokens they produce with no stops."""
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 8)
+    settings = DecodeSettings(512, batch_size=len(features), max_new_tokens=8)
+    never = torch.tensor([-1])
+    from loraqa.data.batching import collate_shared_prefix, shared_prefix_batches
+
+    (groups,) = shared_prefix_batches(features, settings.batch_size)
+    t = collate_shared_prefix(groups, tokenizer.pad_token_id)
+    prefix = (t["prefix_ids"], t["prefix_mask"], t["row_prefix"])
+    full, _ = greedy_generate(tiny_model.eval(), t["input_ids"], t["attention_mask"], 8, never, -100, prefix=prefix)
+    assert full.shape == (len(features), 8)
+    stops = torch.tensor(sorted({full[0, 1].item(), full[-1, 4].item()}))  # row 0 stops by step 2, the last by 5
+    ended, _ = greedy_generate(tiny_model.eval(), t["input_ids"], t["attention_mask"], 8, stops, -100, prefix=prefix)
+    lengths = []
+    for row, expect in zip(ended.tolist(), full.tolist()):
+        n = next((i + 1 for i, tok in enumerate(expect) if tok in stops.tolist()), 8)
+        assert row[:n] == expect[:n] and all(tok == -100 for tok in row[n:])
+        lengths.append(n)
+    assert min(lengths) <= 2 and max(lengths) > min(lengths)  # rows did stop at different steps
+
+
+def test_prefill_runs_split_where_padding_costs_more_than_a_call():
+    from loraqa.model.prefix import width_runs
+
+    assert width_runs([30, 29, 28, 10, 9], run_cost=5) == [(0, 3), (3, 5)]  # one call for 30 + 10 padded = worse
+    assert width_runs([30, 29, 28, 10, 9], run_cost=1000) == [(0, 5)]  # calls dear: pad everything
+    assert width_runs([7], run_cost=5) == [(0, 1)] and width_runs([]) == []

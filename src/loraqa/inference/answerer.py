@@ -15,23 +15,27 @@ from loraqa.inference.generate import predict, prefill_probe
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
 from loraqa.model.load import load_base, resolve_max_length
-from loraqa.model.lora import load_adapter
-from loraqa.model.precision import apply_precision
+from loraqa.model.lora import load_adapter, merge_for_answering
+from loraqa.model.precision import probe_precision, resolve_precision, store_frozen_weights
 from loraqa.model.span import answer_spans
 from loraqa.training.processes import Processes
 
 
-def inference_precision(model, tokenizer, settings: DecodeSettings, setting: str, device: torch.device,
-                        examples: list[Example]) -> tuple[str, str]:
-    """(precision, why) for answering ``examples`` under the ``--precision`` ``setting``; every
-    linear weight is stored in it (nothing trains). A probe, where ``auto`` needs one, prefills a
-    batch of their prompts."""
+def prepare_for_answering(model, tokenizer, settings: DecodeSettings, setting: str, device: torch.device,
+                          examples: list[Example]) -> tuple[Any, str, str]:
+    """(model, precision, why) for answering ``examples`` under the ``--precision`` ``setting``: a
+    LoRA adapter merged into the weights (``merge_for_answering``) and every linear weight stored
+    in the precision (nothing trains). A probe, where ``auto`` needs one, prefills a batch of
+    their prompts."""
     features, _ = build_eval_features(tokenizer, examples[:64], settings.template, settings.max_length,
                                       settings.max_new_tokens)
     step = prefill_probe(model, features, settings.batch_size, tokenizer.pad_token_id, device) if features else None
-    precision, why = apply_precision(model, setting, device, step, everything=True)
+    probe = probe_precision(model, step, everything=True) if step is not None else None
+    precision, why = resolve_precision(setting, device, probe)
+    model = merge_for_answering(model, precision)
+    store_frozen_weights(model, precision, everything=True)
     log(f"precision {precision} ({why})")
-    return precision, why
+    return model, precision, why
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Answerer:
 
 
 def load_answerer(config: Config, adapter: str | None, probe_examples: list[Example]) -> Answerer:
-    """Model (+ adapter) on this machine's device, in the precision ``inference_precision`` picks
+    """Model (+ adapter, merged) on this machine's device, in the precision ``prepare_for_answering`` picks
     (where ``auto`` needs a probe, it prefills a batch of ``probe_examples``' prompts)."""
     device = Processes.single().device
     model, tokenizer, base_params = load_base(config)
@@ -66,7 +70,7 @@ def load_answerer(config: Config, adapter: str | None, probe_examples: list[Exam
     if adapter:
         model = load_adapter(model, adapter)
     model.to(device)
-    precision, why = inference_precision(model, tokenizer, settings, config.precision, device, probe_examples)
+    model, precision, why = prepare_for_answering(model, tokenizer, settings, config.precision, device, probe_examples)
     return Answerer(model, tokenizer, settings, device, precision, why, config.model, base_params)
 
 

@@ -36,13 +36,12 @@ class ContextConstraint:
         text = self.tokenizer.decode(ids, skip_special_tokens=True).split("\n", 1)[0]
         return _squash(text).strip() in self.contexts[row]
 
-    def __call__(self, logits: torch.Tensor, generated: list[list[int]], done: torch.Tensor) -> torch.Tensor:
-        """(B,) next ids from (B, V) logits, given each row's tokens so far."""
+    def __call__(self, logits: torch.Tensor, generated: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """(B,) next ids from (B, V) logits, given each row's tokens so far; ``rows`` are the B rows'
+        indices in the contexts' order (decoding drops rows that have stopped)."""
         choice = logits.argmax(-1)
         candidates = logits.topk(min(self.top_k, logits.size(-1)), dim=-1).indices.tolist()
-        for row, ids in enumerate(generated):
-            if done[row]:
-                continue
-            choice[row] = next((t for t in candidates[row] if t == self.end_id or self.fits(row, ids + [t])),
-                               self.end_id)
+        for i, (row, ids) in enumerate(zip(rows, generated)):
+            choice[i] = next((t for t in candidates[i] if t == self.end_id or self.fits(row, ids + [t])),
+                             self.end_id)
         return choice

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
@@ -23,7 +24,8 @@ from loraqa.inference.constrain import ContextConstraint
 from loraqa.inference.settings import DecodeSettings
 from loraqa.model.load import cache_kwarg
 from loraqa.model.precision import autocast
-from loraqa.model.prefix import KVPool, positions_after, prefix_positions, spread_static
+from loraqa.model.prefix import (KVPool, compact_static, init_static, positions_after, prefill_runs, prefix_positions,
+                                 spread_static)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -44,63 +46,89 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     watch_id: int | None = None, choose=None,
                     na_thresh: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """((B, <= max_new_tokens) generated ids, (B,) first-token probabilities of ``watch_id`` or None);
-    a row ends with its first stop token, then pad_id. With ``watch_id`` = the no-answer token (EOS
+    a row ends with its first stop token, then pad_id. A row that has stopped leaves the batch (its
+    keys and values too): the steps after compute only the rows still decoding. With ``watch_id`` = the no-answer token (EOS
     when no answer is the empty answer), the probabilities are SQuAD v2.0's no-answer probabilities.
 
     ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)) is a left-padded prefix
     that several rows share (a passage read once for all its questions): it is prefilled once
     per group, its keys and values are copied to each of the group's rows (into ``pool``'s
     memory when given), and ``input_ids`` then hold each row's remainder. Without it
-    ``input_ids`` are whole left-padded prompts. ``choose(logits, tokens so far, done)`` replaces
+    ``input_ids`` are whole left-padded prompts. ``choose(logits, tokens so far, rows)`` replaces
     the argmax (``inference.constrain.ContextConstraint``). With ``na_thresh`` (and ``watch_id``), the first
     token is ``watch_id`` exactly where its probability is above ``na_thresh``, and elsewhere the
     likeliest other token: the threshold, not the argmax, decides whether to answer.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows, width = input_ids.shape
+    device = input_ids.device
+    # rows widest first, so runs of similar width prefill without most of their padding; unsorted at the end
+    order = attention_mask.sum(-1).argsort(descending=True, stable=True)
+    input_ids, attention_mask = input_ids[order], attention_mask[order]
     past = 0 if prefix is None else prefix[0].size(1)
     # one slot per column, filled left to right; the mask marks the filled real ones
     slots = past + width + max_new_tokens
     cache = StaticCache(config=lm.config, max_cache_len=slots)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else lm.dtype
     kw = {cache_kwarg(lm): cache, "use_cache": True}
     mask = attention_mask.new_zeros(rows, slots)
     if prefix is None:
         past_mask = attention_mask.new_zeros(rows, 0)
+        init_static(cache, lm.config, rows, dtype, device)
     else:
         prefix_ids, prefix_mask, row_prefix = prefix
+        group_order = prefix_mask.sum(-1).argsort(descending=True, stable=True)
+        prefix_ids, prefix_mask = prefix_ids[group_order], prefix_mask[group_order]
+        row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
         prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), slots)
         prefix_full[:, :past] = prefix_mask
-        model(input_ids=prefix_ids, attention_mask=prefix_full, position_ids=prefix_positions(prefix_mask),
-              logits_to_keep=1, **kw)
-        spread_static(cache, row_prefix, pool or KVPool())  # (G, ...) -> (B, ...): each row gets its group's prefix
+        init_static(cache, lm.config, prefix_ids.size(0), dtype, device)
+        with record_function("prefill:passage"):
+            prefill_runs(model, cache, prefix_ids, prefix_mask.sum(-1).tolist(), prefix_full,
+                         prefix_positions(prefix_mask), 0, kw)
+        with record_function("cache:spread"):  # (G, ...) -> (B, ...): each row gets its group's prefix
+            spread_static(cache, row_prefix, pool or KVPool())
         past_mask = prefix_mask[row_prefix]
     position_ids = positions_after(past_mask, attention_mask)
     mask[:, :past] = past_mask
     mask[:, past:past + width] = attention_mask
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, **kw)
-    watched = None if watch_id is None else out.logits[:, -1].float().softmax(-1)[:, watch_id]
-    done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-    steps, so_far = [], [[] for _ in range(rows)]
+    with record_function("prefill:question"):
+        logits = prefill_runs(model, cache, input_ids, attention_mask.sum(-1).tolist(), mask, position_ids, past, kw)
+    watched = None if watch_id is None else logits.float().softmax(-1)[:, watch_id]
+    generated = input_ids.new_full((rows, max_new_tokens), pad_id)
+    live = torch.arange(rows, device=input_ids.device)  # the rows still decoding, by their index in the batch
+    so_far = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1]
+        if step:
+            logits = out.logits[:, -1]
         if step == 0 and na_thresh is not None:
             abstain = watched > na_thresh
             logits = logits.clone()
             logits[~abstain, watch_id] = float("-inf")
-        next_ids = logits.argmax(-1) if choose is None else choose(logits, so_far, done)  # (B,)
+        if choose is None:
+            next_ids = logits.argmax(-1)  # (live rows,)
+        else:
+            rows_now = order[live].tolist()  # the rows' indices as the caller gave them
+            next_ids = choose(logits, [so_far[r] for r in rows_now], rows_now)
+            for r, t in zip(rows_now, next_ids.tolist()):
+                so_far[r].append(t)
         if step == 0 and na_thresh is not None:
             next_ids = torch.where(abstain, watch_id, next_ids)
-        steps.append(torch.where(done, pad_id, next_ids))
-        if choose is not None:
-            for row, t in enumerate(next_ids.tolist()):
-                so_far[row].append(t)
-        done |= torch.isin(next_ids, stop_ids)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        generated[live, step] = next_ids
+        going = ~torch.isin(next_ids, stop_ids)
+        if not bool(going.any()) or step == max_new_tokens - 1:
             break
+        if not bool(going.all()):  # rows that stopped leave the batch: later steps compute only the others
+            with record_function("cache:compact"):
+                keep = going.nonzero().squeeze(1)
+                live, next_ids, mask, position_ids = live[keep], next_ids[keep], mask[keep], position_ids[keep]
+                compact_static(cache, keep)
         mask[:, past + width + step] = 1
         position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position_ids, **kw)
-    return torch.stack(steps, dim=1), watched
+        with record_function("decode:step"):
+            out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position_ids, **kw)
+    unsort = order.argsort()
+    return generated[unsort, :step + 1], None if watched is None else watched[unsort]
 
 
 def prefill_probe(model, features: list[Feature], batch_size: int, pad_id: int, device: torch.device):

@@ -14,7 +14,7 @@ class DecodeSettings:
     max_length: int                  # prompt + answer budget in tokens (--max-length, capped by the model)
     template: str = DEFAULT_TEMPLATE
     max_new_tokens: int = 32         # longest answer; a span head's longest span
-    batch_size: int = 32             # most questions decoded together (--eval-batch-size)
+    batch_size: int = 64             # most questions decoded together (--eval-batch-size)
     batch_tokens: int | None = None  # most cached tokens in a batch, rows x (prompt + new tokens)
     no_answer_text: str = ""         # what the model was trained to say for "no answer" ("": EOS at once)
     constrain_to_context: bool = False  # every answer a span of its passage (inference.constrain)

@@ -16,6 +16,7 @@ from torch import nn
 from loraqa.config import Config
 from loraqa.io import log, save_dir_atomic
 from loraqa.model.load import count_parameters, load_base, load_model
+from loraqa.model.precision import DTYPES
 
 ALL_LINEAR = "all-linear"
 SPAN_HEAD = "qa_outputs"  # transformers' name for the start/end head of *ForQuestionAnswering
@@ -86,6 +87,29 @@ def load_adapter(model, adapter_dir: str | Path):
     except (RuntimeError, ValueError) as e:  # shape or name mismatches: made for another base model
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise ValueError(f"--adapter {adapter_dir} was made for another base model: {detail}") from None
+
+
+def merge_for_answering(model, precision: str = "fp32"):
+    """A LoRA PeftModel as a plain model for answering: each adapter's ``scale * B @ A`` added into
+    its layer's weight (PEFT's ``merge_and_unload``), so decoding runs the base model's products
+    alone, with no adapter modules or their Python at every step. Anything else is returned as
+    it is: a span head's model keeps its wrapper (its head is trained in full, not merged).
+
+    The layers that carry LoRA are first stored in ``precision``'s dtype and the fp32 delta added
+    to that, which is what a run's own final evaluation merges (its frozen weights are already
+    stored so): ``loraqa evaluate`` of the saved adapter reproduces the run's predictions.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel) or model.peft_config[model.active_adapter].task_type != "CAUSAL_LM":
+        return model
+    dtype = DTYPES[precision]
+    for module in model.modules():
+        base = module.get_base_layer() if isinstance(module, LoraLayer) else None
+        if base is not None and base.weight.dtype != dtype:
+            base.weight = nn.Parameter(base.weight.detach().to(dtype), requires_grad=False)
+    return model.merge_and_unload()
 
 
 def prepare_model(model, config):

@@ -1,0 +1,163 @@
+"""Where answering's time goes: `loraqa evaluate`'s decoding, split by phase.
+
+Loads what `loraqa evaluate` loads (the model, the adapter, the precision), answers the questions
+once without the profiler (the wall-clock rate), then once under ``torch.profiler`` and splits the
+time by the regions ``inference.generate`` marks: the passages' prefill, the copies of their keys
+and values into each row, the questions' own prefill, and the decoding steps. Inside each region,
+"kernels" is the time in the ops that do the model's arithmetic (matrix products, attention) and
+"other" the rest: small ops, and Python between them. It also counts the decoding row-steps spent
+on rows that had already stopped, and, with ``--compare-unmerged``, times the adapter applied
+unmerged (PEFT's modules at every step) against the answering path.
+
+    D=../shared/data/squad
+    python benchmarks/answer_profile.py --model $(../shared/tools/get-smollm2) --adapter RUN/adapter \
+        --eval-file $D/proxy-dev-v1.1.json --eval-examples 96 --precision fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+REGIONS = ("prefill:passage", "cache:spread", "prefill:question", "decode:step", "cache:compact")
+# the ops that do the model's arithmetic; the rest of a region's time is small ops and Python
+KERNELS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_attention_math", "aten::baddbmm", "aten::index_select", "aten::index_copy_")
+
+
+def load(args, examples):
+    from loraqa.config import Config
+    from loraqa.inference.answerer import load_answerer
+
+    config = Config(model=args.model, init=args.init, tokenizer=args.tokenizer, precision=args.precision,
+                    max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
+                    seed=0, **({"max_length": args.max_length} if args.max_length else {}))
+    return load_answerer(config, args.adapter, examples)
+
+
+def row_steps(generated: torch.Tensor, stop_ids: set[int]) -> tuple[int, int]:
+    """(row-steps of a batch that keeps every row to its last step, row-steps the rows needed: each
+    up to and including its first stop token)."""
+    needed = 0
+    for row in generated.tolist():
+        needed += next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+    return generated.numel(), needed
+
+
+def run(answerer, examples, profile: bool):
+    from loraqa.inference import generate
+    from loraqa.inference.evaluation import evaluate
+
+    counts = defaultdict(int)
+    stops = set(generate.stop_token_ids(answerer.tokenizer))
+    original = generate.greedy_generate
+
+    def counted(*a, **k):
+        out = original(*a, **k)
+        computed, needed = row_steps(out[0], stops)
+        counts["computed"] += computed
+        counts["needed"] += needed
+        counts["batches"] += 1
+        return out
+
+    generate.greedy_generate = counted
+    try:
+        if not profile:
+            start = time.perf_counter()
+            predictions, _, metrics = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings,
+                                               answerer.device, answerer.precision, progress=False)
+            return predictions, time.perf_counter() - start, counts, None
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            predictions, _, _ = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings,
+                                         answerer.device, answerer.precision, progress=False)
+            seconds = time.perf_counter() - start
+        return predictions, seconds, counts, prof
+    finally:
+        generate.greedy_generate = original
+
+
+def split(prof) -> dict[str, dict[str, float]]:
+    """{region: {"total": s, "kernels": s}} from the profile's events (a kernel is counted in the
+    region whose time span holds it)."""
+    events = prof.events()
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in events if e.name in REGIONS]
+    spans.sort(key=lambda s: s[1])
+    out = {r: {"total": 0.0, "kernels": 0.0} for r in REGIONS}
+    for name, start, end in spans:
+        out[name]["total"] += (end - start) / 1e6
+    starts = [s[1] for s in spans]
+    import bisect
+    for e in events:
+        if e.name not in KERNELS:
+            continue
+        i = bisect.bisect_right(starts, e.time_range.start) - 1
+        if i >= 0 and e.time_range.end <= spans[i][2]:
+            out[spans[i][0]]["kernels"] += e.self_cpu_time_total / 1e6
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--init", default="pretrained", choices=["pretrained", "random"])
+    p.add_argument("--tokenizer")
+    p.add_argument("--adapter")
+    p.add_argument("--eval-file", required=True)
+    p.add_argument("--eval-examples", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--compare-unmerged", action="store_true",
+                   help="also time the adapter applied unmerged (its share of the time)")
+    args = p.parse_args()
+
+    from loraqa.data.load import load_examples
+    from loraqa.inference.generate import stop_token_ids
+    from loraqa.runtime import keep_freed_memory
+
+    keep_freed_memory()  # what the `loraqa` command does at start
+    examples = load_examples(args.eval_file, "validation", args.eval_examples)
+    answerer = load(args, examples)
+    stop_token_ids(answerer.tokenizer)
+    run(answerer, examples[:8], profile=False)  # warm-up: first-call costs are not the steady state
+    predictions, seconds, counts, _ = run(answerer, examples, profile=False)
+    _, prof_seconds, _, prof = run(answerer, examples, profile=True)
+    print(f"model {args.model} ({args.init}), adapter {args.adapter}, precision {answerer.precision}, "
+          f"{len(examples)} questions, max_new_tokens {args.max_new_tokens}, {torch.get_num_threads()} threads")
+    print(f"wall clock: {seconds:.2f} s = {len(examples) / seconds:.2f} questions/s "
+          f"({counts['batches']} batches)")
+    wasted = counts["computed"] - counts["needed"]
+    print(f"decoding row-steps: {counts['needed']} needed (each row up to its stop token); a batch that kept every "
+          f"row to its last step would compute {counts['computed']}, {wasted} ({100 * wasted / max(counts['computed'], 1):.0f}%) "
+          f"on rows that had stopped")
+    parts = split(prof)
+    covered = sum(v["total"] for v in parts.values())
+    print(f"\nunder the profiler: {prof_seconds:.2f} s (profiling adds its own overhead per op)")
+    print(f"{'region':18s} {'seconds':>8s} {'share':>6s} {'kernels':>8s} {'other':>8s}")
+    for name, v in parts.items():
+        if v["total"]:
+            print(f"{name:18s} {v['total']:8.2f} {100 * v['total'] / prof_seconds:5.1f}% {v['kernels']:8.2f} "
+                  f"{v['total'] - v['kernels']:8.2f}")
+    print(f"{'outside regions':18s} {prof_seconds - covered:8.2f} {100 * (prof_seconds - covered) / prof_seconds:5.1f}%"
+          f"   (tokenising, batching, decoding text, scoring)")
+    if args.compare_unmerged and args.adapter:
+        from loraqa.model.lora import load_adapter
+        unmerged = load(argparse.Namespace(**{**vars(args), "adapter": None}), examples)
+        unmerged.model = load_adapter(unmerged.model, args.adapter)
+        unmerged.model.eval()
+        run(unmerged, examples[:8], profile=False)
+        other, unmerged_seconds, _, _ = run(unmerged, examples, profile=False)
+        moved = sum(other[k] != v for k, v in predictions.items())
+        print(f"\nadapter applied unmerged: {unmerged_seconds:.2f} s = {len(examples) / unmerged_seconds:.2f} "
+              f"questions/s ({100 * (unmerged_seconds - seconds) / unmerged_seconds:.0f}% of its time is the adapter's); "
+              f"{moved} of {len(predictions)} predictions differ from the path above")
+
+
+if __name__ == "__main__":
+    main()
