@@ -6,6 +6,7 @@ examples:
   loraqa train --config recommended --model HuggingFaceTB/SmolLM2-135M-Instruct --train-file train.jsonl --eval-file dev.csv --output-dir runs/mine
   loraqa ask --model M --adapter runs/mine/adapter --context "..." --question "..."
   loraqa serve --model M --adapter runs/mine/adapter    # POST /answer, and a page at http://127.0.0.1:8000
+  loraqa export --model M --adapter runs/mine/adapter --output mine.gguf   # for llama.cpp and Ollama
 
 Settings: a preset (--config recommended; `loraqa train --help` names them all) or a YAML file, then
 flags. `loraqa COMMAND --help` lists a command's flags.
@@ -32,6 +33,7 @@ ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "no_answer_
              "allow_unanswerable", "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "constrain_to_context",
              "na_prob_thresh", "precision", "seed"]
 MERGE_FLAGS = ["model", "init", "tokenizer", "method", "seed"]
+EXPORT_FLAGS = ["model", "init", "tokenizer", "method", "template", "max_new_tokens", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
 
 
@@ -92,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, MERGE_FLAGS, "merge")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--output-dir", required=True, help="folder for the merged model")
+    p = sub.add_parser("export", help="a model (+ adapter, merged) as one GGUF file for llama.cpp and Ollama")
+    _add_config_flags(p, EXPORT_FLAGS, "export")
+    p.add_argument("--adapter", help="PEFT adapter folder, merged into --model (or alone with --adapter-only)")
+    p.add_argument("--output", required=True, help="the .gguf file to write; an Ollama Modelfile goes beside it")
+    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"], help="weight type (default f16)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write the LoRA alone as a GGUF adapter (llama-cli --lora, Ollama ADAPTER)")
+    p.add_argument("--base-gguf", help="with --adapter-only: the base model's GGUF file, for the Modelfile's FROM "
+                                       "(default: --model when it is a .gguf file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("ask", help="answer questions with a model (+ adapter)")
     _add_config_flags(p, ASK_FLAGS, "ask")
     p.add_argument("--adapter", help="PEFT adapter folder to apply to --model")
@@ -195,6 +207,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
     merge(_config(args, MERGE_FLAGS), args.adapter, args.output_dir)  # a span adapter keeps its span head
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from loraqa.gguf_export import run_export
+
+    run = run_export(_config(args, EXPORT_FLAGS), args.output, args.adapter, args.outtype, args.adapter_only,
+                     args.base_gguf, progress=not args.quiet)
+    print("run it:\n" + "\n".join(f"  {line}" for line in run))
+
+
 def cmd_ask(args: argparse.Namespace) -> None:
     from loraqa.data.examples import Example
     from loraqa.data.load import read_questions
@@ -239,7 +259,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
-            "params": cmd_params, "compare": cmd_compare, "report": cmd_report, "merge": cmd_merge, "ask": cmd_ask,
+            "params": cmd_params, "compare": cmd_compare, "report": cmd_report, "merge": cmd_merge, "export": cmd_export,
+            "ask": cmd_ask,
             "serve": cmd_serve}
 
 

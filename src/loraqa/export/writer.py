@@ -1,0 +1,141 @@
+"""GGUF files written with the ``gguf`` package (its writer and its Q8_0 quantiser): no llama.cpp build.
+
+``write_model``: a plain transformers model (base + LoRA merged) as one file. ``write_adapter``: the
+LoRA alone (``general.type = adapter``), for ``llama-cli -m base.gguf --lora adapter.gguf`` and
+Ollama's ``ADAPTER``. Both are written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loraqa.export.layout import ARCHITECTURES, add_hparams, architecture, base_tensors, gguf_name, permute_rows
+from loraqa.export.vocab import add_vocab
+from loraqa.io import log
+
+OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+def _encode(name: str, tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A tensor in the file's type: norms, biases and position embeddings stay f32 (as llama.cpp's
+    converter keeps them); q8_0 needs rows in blocks of 32 and falls back to f16 otherwise."""
+    data = tensor.detach().float().contiguous().numpy()
+    if outtype == "f32" or data.ndim < 2 or name.startswith("position_embd"):
+        return data, gguf.GGMLQuantizationType.F32
+    if outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def _write(writer: gguf.GGUFWriter, path: Path, progress: bool) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=progress)
+    writer.close()
+
+
+def _atomically(path: Path, fill) -> None:
+    """``fill(writer_path)`` writes the file; it appears at ``path`` only when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        start = time.perf_counter()
+        fill(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+
+
+def write_model(model, tokenizer, path: str | Path, outtype: str = "f16", name: str = "loraqa",
+                progress: bool = True) -> Path:
+    """``model`` (a plain transformers causal LM) and ``tokenizer`` as one GGUF file."""
+    config = model.config
+    arch = architecture(config)
+    path = Path(path)
+    tensors = list(base_tensors(model))
+
+    def fill(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCHITECTURES[arch]])
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        add_hparams(writer, config)
+        writer.add_file_type(OUTTYPES[outtype])
+        add_vocab(writer, tokenizer, config.vocab_size)
+        for gname, tensor in tqdm(tensors, desc=f"encode {outtype}", unit="tensor", disable=not progress):
+            data, qtype = _encode(gname, tensor, outtype)
+            writer.add_tensor(gname, data, raw_dtype=qtype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _write(writer, tmp, progress)
+
+    _atomically(path, fill)
+    return path
+
+
+def adapter_tensors(peft_model) -> tuple[list[tuple[str, torch.Tensor]], float]:
+    """([(GGUF name + ".lora_a"/".lora_b", tensor)], alpha as llama.cpp scales it: alpha / r), or a
+    one-line refusal where llama.cpp's adapters cannot hold the adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    name = peft_model.active_adapter
+    settings = peft_model.peft_config[name]
+    if getattr(settings, "use_dora", False):
+        raise ValueError("--adapter-only: a DoRA adapter has magnitudes llama.cpp adapters cannot hold; export it merged")
+    if settings.modules_to_save:
+        raise ValueError(f"--adapter-only: the adapter trains {', '.join(settings.modules_to_save)} in full, which "
+                         "llama.cpp adapters cannot hold; export it merged")
+    base = peft_model.get_base_model()
+    config = base.config
+    arch = architecture(config)
+    names = gguf.get_tensor_name_map(ARCHITECTURES[arch], config.num_hidden_layers)
+    out, ranks = [], set()
+    for module_name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_embedding_A", {}):
+            raise ValueError("--adapter-only: the adapter holds LoRA on embeddings, which is not exported; export it merged")
+        a, b = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
+        weight = f"{module_name}.weight"
+        if arch == "llama" and weight.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in weight else config.num_key_value_heads or config.num_attention_heads
+            b = permute_rows(b, heads)  # B's rows are the weight's rows
+        gname = gguf_name(names, weight)
+        out += [(f"{gname}.lora_a", a), (f"{gname}.lora_b", b)]
+        ranks.add(a.shape[0])
+    if not out:
+        raise ValueError("--adapter-only: the adapter has no LoRA layers")
+    (r,) = ranks if len(ranks) == 1 else (None,)
+    if r is None:
+        raise ValueError("--adapter-only: layers of different ranks share one alpha in llama.cpp; export it merged")
+    # llama.cpp scales by alpha / r; rsLoRA scales by alpha / sqrt(r): the same product, written as alpha
+    alpha = settings.lora_alpha * (math.sqrt(r) if settings.use_rslora else 1.0)
+    return out, float(alpha)
+
+
+def write_adapter(peft_model, path: str | Path, progress: bool = True) -> Path:
+    """The LoRA of ``peft_model`` as a GGUF adapter for the base model's GGUF file."""
+    path = Path(path)
+    tensors, alpha = adapter_tensors(peft_model)
+    arch = architecture(peft_model.get_base_model().config)
+
+    def fill(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCHITECTURES[arch]])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        for gname, tensor in tensors:
+            writer.add_tensor(gname, tensor.detach().float().contiguous().numpy())
+        _write(writer, tmp, progress)
+
+    _atomically(path, fill)
+    return path
