@@ -32,9 +32,10 @@ def load(args, examples):
     from loraqa.config import Config
     from loraqa.inference.answerer import load_answerer
 
+    given = {k: v for k, v in (("max_length", args.max_length), ("eval_batch_size", args.eval_batch_size),
+                               ("eval_batch_tokens", args.eval_batch_tokens)) if v}
     config = Config(model=args.model, init=args.init, tokenizer=args.tokenizer, precision=args.precision,
-                    max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
-                    seed=0, **({"max_length": args.max_length} if args.max_length else {}))
+                    max_new_tokens=args.max_new_tokens, seed=0, **given)
     return load_answerer(config, args.adapter, examples)
 
 
@@ -110,7 +111,8 @@ def main() -> None:
     p.add_argument("--eval-file", required=True)
     p.add_argument("--eval-examples", type=int, default=96)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, help="default: loraqa evaluate's")
+    p.add_argument("--eval-batch-tokens", type=int, help="default: loraqa evaluate's")
     p.add_argument("--max-length", type=int)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--compare-unmerged", action="store_true",
@@ -125,7 +127,7 @@ def main() -> None:
     examples = load_examples(args.eval_file, "validation", args.eval_examples)
     answerer = load(args, examples)
     stop_token_ids(answerer.tokenizer)
-    run(answerer, examples[:8], profile=False)  # warm-up: first-call costs are not the steady state
+    run(answerer, examples, profile=False)  # warm-up, on the same questions: first-call costs are not the steady state
     predictions, seconds, counts, _ = run(answerer, examples, profile=False)
     _, prof_seconds, _, prof = run(answerer, examples, profile=True)
     print(f"model {args.model} ({args.init}), adapter {args.adapter}, precision {answerer.precision}, "
@@ -151,7 +153,7 @@ def main() -> None:
         unmerged = load(argparse.Namespace(**{**vars(args), "adapter": None}), examples)
         unmerged.model = load_adapter(unmerged.model, args.adapter)
         unmerged.model.eval()
-        run(unmerged, examples[:8], profile=False)
+        run(unmerged, examples, profile=False)
         other, unmerged_seconds, _, _ = run(unmerged, examples, profile=False)
         moved = sum(other[k] != v for k, v in predictions.items())
         print(f"\nadapter applied unmerged: {unmerged_seconds:.2f} s = {len(examples) / unmerged_seconds:.2f} "

@@ -1,7 +1,6 @@
 """loraqa export: GGUF files that read back as the model they came from (through transformers'
 GGUF loader here, through llama.cpp where llama-cpp-python is installed)."""
 
-import json
 
 import gguf
 import numpy as np

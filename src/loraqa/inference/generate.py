@@ -38,31 +38,14 @@ def stop_token_ids(tokenizer) -> list[int]:
     return cached
 
 
-@torch.inference_mode()
-def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                    stop_ids: torch.Tensor, pad_id: int,
-                    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                    pool: KVPool | None = None,
-                    watch_id: int | None = None, choose=None,
-                    na_thresh: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """((B, <= max_new_tokens) generated ids, (B,) first-token probabilities of ``watch_id`` or None);
-    a row ends with its first stop token, then pad_id. A row that has stopped leaves the batch (its
-    keys and values too): the steps after compute only the rows still decoding. With ``watch_id`` = the no-answer token (EOS
-    when no answer is the empty answer), the probabilities are SQuAD v2.0's no-answer probabilities.
-
-    ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)) is a left-padded prefix
-    that several rows share (a passage read once for all its questions): it is prefilled once
-    per group, its keys and values are copied to each of the group's rows (into ``pool``'s
-    memory when given), and ``input_ids`` then hold each row's remainder. Without it
-    ``input_ids`` are whole left-padded prompts. ``choose(logits, tokens so far, rows)`` replaces
-    the argmax (``inference.constrain.ContextConstraint``). With ``na_thresh`` (and ``watch_id``), the first
-    token is ``watch_id`` exactly where its probability is above ``na_thresh``, and elsewhere the
-    likeliest other token: the threshold, not the argmax, decides whether to answer.
-    """
+def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, prefix, pool):
+    """Prefill a batch into a fresh ``StaticCache``, its rows sorted widest first (``order``) so runs
+    of similar width skip most of the padding (``model.prefix.prefill_runs``). Returns (the cache, the
+    model's keywords for it, each row's last logits, the slot mask, position ids, ``order``, the first
+    slot of the answers)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows, width = input_ids.shape
     device = input_ids.device
-    # rows widest first, so runs of similar width prefill without most of their padding; unsorted at the end
     order = attention_mask.sum(-1).argsort(descending=True, stable=True)
     input_ids, attention_mask = input_ids[order], attention_mask[order]
     past = 0 if prefix is None else prefix[0].size(1)
@@ -94,13 +77,38 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     mask[:, past:past + width] = attention_mask
     with record_function("prefill:question"):
         logits = prefill_runs(model, cache, input_ids, attention_mask.sum(-1).tolist(), mask, position_ids, past, kw)
+    return cache, kw, logits, mask, position_ids, order, past + width
+
+
+@torch.inference_mode()
+def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                    stop_ids: torch.Tensor, pad_id: int,
+                    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    pool: KVPool | None = None,
+                    watch_id: int | None = None, choose=None,
+                    na_thresh: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((B, <= max_new_tokens) generated ids, (B,) first-token probabilities of ``watch_id`` or None);
+    a row ends with its first stop token, then pad_id. A row that has stopped leaves the batch (its
+    keys and values too): the steps after compute only the rows still decoding. With ``watch_id`` = the no-answer token (EOS
+    when no answer is the empty answer), the probabilities are SQuAD v2.0's no-answer probabilities.
+
+    ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)) is a left-padded prefix
+    that several rows share (a passage read once for all its questions): it is prefilled once
+    per group, its keys and values are copied to each of the group's rows (into ``pool``'s
+    memory when given), and ``input_ids`` then hold each row's remainder. Without it
+    ``input_ids`` are whole left-padded prompts. ``choose(logits, tokens so far, rows)`` replaces
+    the argmax (``inference.constrain.ContextConstraint``). With ``na_thresh`` (and ``watch_id``), the first
+    token is ``watch_id`` exactly where its probability is above ``na_thresh``, and elsewhere the
+    likeliest other token: the threshold, not the argmax, decides whether to answer.
+    """
+    cache, kw, logits, mask, position_ids, order, first = _prefill(model, input_ids, attention_mask,
+                                                                   max_new_tokens, prefix, pool)
+    rows = input_ids.size(0)
     watched = None if watch_id is None else logits.float().softmax(-1)[:, watch_id]
     generated = input_ids.new_full((rows, max_new_tokens), pad_id)
     live = torch.arange(rows, device=input_ids.device)  # the rows still decoding, by their index in the batch
     so_far = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
-        if step:
-            logits = out.logits[:, -1]
         if step == 0 and na_thresh is not None:
             abstain = watched > na_thresh
             logits = logits.clone()
@@ -123,10 +131,10 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                 keep = going.nonzero().squeeze(1)
                 live, next_ids, mask, position_ids = live[keep], next_ids[keep], mask[keep], position_ids[keep]
                 compact_static(cache, keep)
-        mask[:, past + width + step] = 1
+        mask[:, first + step] = 1
         position_ids = position_ids[:, -1:] + 1
         with record_function("decode:step"):
-            out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position_ids, **kw)
+            logits = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position_ids, **kw).logits[:, -1]
     unsort = order.argsort()
     return generated[unsort, :step + 1], None if watched is None else watched[unsort]
 
