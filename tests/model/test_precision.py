@@ -98,8 +98,9 @@ def test_the_probe_times_both_and_leaves_weights_and_rng_as_they_were(monkeypatc
     assert precision in {"fp32", "bf16"} and "probe" in why
 
 
-def test_train_and_evaluate_in_bf16_end_to_end(tiny_model_dir, tmp_path):
-    args = ["--model", str(tiny_model_dir), "--eval-file", str(SQUAD), "--max-length", "128", "--max-new-tokens", "4",
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_llama_dir"])  # Llama: keys fp32, values bf16
+def test_train_and_evaluate_in_bf16_end_to_end(model_dir, request, tmp_path):
+    args = ["--model", str(request.getfixturevalue(model_dir)), "--eval-file", str(SQUAD), "--max-length", "128", "--max-new-tokens", "4",
             "--precision", "bf16", "--quiet"]
     assert main(["train", *args, "--train-file", str(SQUAD), "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

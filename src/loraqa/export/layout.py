@@ -93,8 +93,8 @@ def layout(config, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A transformers tensor (or a LoRA B matrix, whose rows are the weight's rows) in llama.cpp's layout."""
     if config.model_type == "gpt2" and name.endswith(CONV1D):
         return tensor.T
-    if config.model_type == "llama" and name.endswith("q_proj.weight"):
+    if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
         return permute_rows(tensor, config.num_attention_heads)
-    if config.model_type == "llama" and name.endswith("k_proj.weight"):
+    if config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
         return permute_rows(tensor, config.num_key_value_heads or config.num_attention_heads)
     return tensor

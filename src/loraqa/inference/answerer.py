@@ -21,6 +21,9 @@ from loraqa.model.span import answer_spans
 from loraqa.training.processes import Processes
 
 
+PROBE_ROWS = 8
+
+
 def prepare_for_answering(model, tokenizer, settings: DecodeSettings, setting: str, device: torch.device,
                           examples: list[Example]) -> tuple[Any, str, str]:
     """(model, precision, why) for answering ``examples`` under the ``--precision`` ``setting``: a
@@ -29,7 +32,9 @@ def prepare_for_answering(model, tokenizer, settings: DecodeSettings, setting: s
     their prompts."""
     features, _ = build_eval_features(tokenizer, examples[:64], settings.template, settings.max_length,
                                       settings.max_new_tokens)
-    step = prefill_probe(model, features, settings.batch_size, tokenizer.pad_token_id, device) if features else None
+    # a few median prompts: the probe compares precisions, and six prefills of a whole batch take minutes on a CPU
+    step = prefill_probe(model, features, min(settings.batch_size, PROBE_ROWS), tokenizer.pad_token_id,
+                         device) if features else None
     probe = probe_precision(model, step, everything=True) if step is not None else None
     precision, why = resolve_precision(setting, device, probe)
     model = merge_for_answering(model, precision)

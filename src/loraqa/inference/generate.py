@@ -24,7 +24,7 @@ from loraqa.inference.constrain import ContextConstraint
 from loraqa.inference.settings import DecodeSettings
 from loraqa.model.load import cache_kwarg
 from loraqa.model.precision import autocast
-from loraqa.model.prefix import (KVPool, compact_static, init_static, positions_after, prefill_runs, prefix_positions,
+from loraqa.model.prefix import (KVPool, compact_static, positions_after, prefill_runs, prefix_positions,
                                  spread_static)
 
 
@@ -45,19 +45,16 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     slot of the answers)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows, width = input_ids.shape
-    device = input_ids.device
     order = attention_mask.sum(-1).argsort(descending=True, stable=True)
     input_ids, attention_mask = input_ids[order], attention_mask[order]
     past = 0 if prefix is None else prefix[0].size(1)
     # one slot per column, filled left to right; the mask marks the filled real ones
     slots = past + width + max_new_tokens
     cache = StaticCache(config=lm.config, max_cache_len=slots)
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else lm.dtype
     kw = {cache_kwarg(lm): cache, "use_cache": True}
     mask = attention_mask.new_zeros(rows, slots)
     if prefix is None:
         past_mask = attention_mask.new_zeros(rows, 0)
-        init_static(cache, lm.config, rows, dtype, device)
     else:
         prefix_ids, prefix_mask, row_prefix = prefix
         group_order = prefix_mask.sum(-1).argsort(descending=True, stable=True)
@@ -65,7 +62,6 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
         prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), slots)
         prefix_full[:, :past] = prefix_mask
-        init_static(cache, lm.config, prefix_ids.size(0), dtype, device)
         with record_function("prefill:passage"):
             prefill_runs(model, cache, prefix_ids, prefix_mask.sum(-1).tolist(), prefix_full,
                          prefix_positions(prefix_mask), 0, kw)

@@ -131,34 +131,39 @@ def width_runs(widths: list[int], run_cost: int = RUN_COST_TOKENS) -> list[tuple
     return runs[::-1]
 
 
-def init_static(cache, config, rows: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Allocate a ``StaticCache`` for ``rows`` rows now (it is otherwise sized by its first update,
-    which :func:`prefill_runs` makes with a run of rows)."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    cache.early_initialization(rows, heads, head_dim, dtype, device)
-
-
 def prefill_runs(model, cache, input_ids: torch.Tensor, lengths: list[int], mask: torch.Tensor,
                  position_ids: torch.Tensor, start: int, kw: dict) -> torch.Tensor:
     """Prefill left-padded rows (widest first) into cache slots ``start .. start + width`` in runs
     of similar width (:func:`width_runs`), each run cut to its own width, so little of the padding
     is computed; returns each row's last logits. A run reads and writes its rows of the cache
-    through views, and the slots its shorter rows skip stay masked. ``mask`` covers every slot."""
-    width = input_ids.size(1)
+    through views, and the slots its shorter rows skip stay masked. ``mask`` covers every slot.
+
+    A fresh cache is sized by its first write, which is the first run's: it is then regrown to
+    every row, keeping the dtypes the model wrote (a Llama's rotated keys can be fp32 under bf16
+    autocast while its values are bf16)."""
+    rows, width = input_ids.shape
     logits = []
-    full = [(layer.keys, layer.values) for layer in cache.layers]
+    full = [(layer.keys, layer.values) for layer in cache.layers] if cache.layers[0].is_initialized else None
     try:
         for a, b in width_runs(lengths):
             w = max(lengths[a], 1)
-            for layer, (keys, values) in zip(cache.layers, full):
-                layer.keys, layer.values = keys[a:b], values[a:b]
+            for i, layer in enumerate(cache.layers):
+                if full is not None:
+                    layer.keys, layer.values = full[i][0][a:b], full[i][1][a:b]
                 layer.cumulative_length.fill_(start + width - w)
             out = model(input_ids=input_ids[a:b, width - w:], attention_mask=mask[a:b],
                         position_ids=position_ids[a:b, width - w:], logits_to_keep=1, **kw)
             logits.append(out.logits[:, -1])
+            if full is None:  # the first run sized the cache by its rows: room for all of them
+                full = [(_regrown(layer.keys, rows, a, b), _regrown(layer.values, rows, a, b)) for layer in cache.layers]
     finally:
-        for layer, (keys, values) in zip(cache.layers, full):
+        for layer, (keys, values) in zip(cache.layers, full or []):
             layer.keys, layer.values = keys, values
             layer.cumulative_length.fill_(start + width)
     return torch.cat(logits)
+
+
+def _regrown(part: torch.Tensor, rows: int, a: int, b: int) -> torch.Tensor:
+    whole = part.new_zeros((rows, *part.shape[1:]))
+    whole[a:b] = part
+    return whole
