@@ -2,7 +2,7 @@
 score it the way SQuAD's official script does.
 
 examples:
-  loraqa quickstart                     # no hub needed; ~20 minutes on 2 CPU cores
+  loraqa quickstart                     # no hub needed; 8-20 minutes on 2 CPU cores
   loraqa train --config recommended --model HuggingFaceTB/SmolLM2-135M-Instruct --train-file train.jsonl --eval-file dev.csv --output-dir runs/mine
   loraqa ask --model M --adapter runs/mine/adapter --context "..." --question "..."
   loraqa serve --model M --adapter runs/mine/adapter    # POST /answer, and a page at http://127.0.0.1:8000

@@ -9,6 +9,7 @@ stored (in, out), the transpose of ``nn.Linear``; PEFT needs ``fan_in_fan_out=Tr
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -109,7 +110,9 @@ def merge_for_answering(model, precision: str = "fp32"):
         base = module.get_base_layer() if isinstance(module, LoraLayer) else None
         if base is not None and base.weight.dtype != dtype:
             base.weight = nn.Parameter(base.weight.detach().to(dtype), requires_grad=False)
-    return model.merge_and_unload()
+    with warnings.catch_warnings():  # PEFT warns whenever a model with a tied head is merged: nothing to act on
+        warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
+        return model.merge_and_unload()
 
 
 def prepare_model(model, config):
