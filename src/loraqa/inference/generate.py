@@ -3,9 +3,11 @@
 Questions about the same passage share its prefill (``model.prefix``): the passage runs once and
 its keys and values are copied to each question's row. Prompts are left-padded so each row's next
 token lands in the same column; position ids count only real tokens, so a padded row computes what
-it would alone. Each row stops at its first stop token; the batch stops when every row has. The
-cache is a ``StaticCache`` written in place, its rows in memory that every batch reuses (why:
-docs/design-notes.md).
+it would alone. Rows are prefilled in runs of similar width, so little padding is computed. Each
+row stops at its first stop token and leaves the batch (its rows of the cache dropped); the batch
+stops when every row has. The cache is a ``StaticCache`` written in place, its rows in memory that
+every batch reuses (why: docs/design-notes.md). A LoRA adapter arrives merged
+(``model.lora.merge_for_answering``).
 """
 
 from __future__ import annotations
