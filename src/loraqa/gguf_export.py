@@ -12,7 +12,7 @@ from loraqa.export.modelfile import commands, modelfile
 from loraqa.export.writer import write_adapter, write_model
 from loraqa.io import log, write_text_atomic
 from loraqa.model.load import load_base
-from loraqa.model.lora import load_adapter
+from loraqa.model.lora import load_adapter, merge_lora
 
 
 def run_export(config: Config, output: str, adapter: str | None = None, outtype: str = "f16",
@@ -36,13 +36,14 @@ def run_export(config: Config, output: str, adapter: str | None = None, outtype:
         model_path, adapter_path = Path(base), output_path
     else:
         if adapter:
-            model = load_adapter(model, adapter).merge_and_unload()  # fp32 weights, each LoRA delta added
+            model = merge_lora(load_adapter(model, adapter))  # fp32 weights, each LoRA delta added
         write_model(model, tokenizer, output_path, outtype, name=output_path.stem, progress=progress)
         model_path, adapter_path = output_path, None
     modelfile_path = output_path.with_suffix(".Modelfile")
-    source = model_path.name if model_path.parent == output_path.parent else str(model_path.resolve())
-    write_text_atomic(modelfile_path, modelfile(
-        f"./{source}" if "/" not in source else source, config.template, tokenizer.eos_token or "",
-        config.max_new_tokens, f"./{adapter_path.name}" if adapter_path else None))
+    # Ollama resolves FROM and ADAPTER beside the Modelfile
+    source = f"./{model_path.name}" if model_path.parent == output_path.parent else str(model_path.resolve())
+    adapter_source = f"./{adapter_path.name}" if adapter_path else None
+    write_text_atomic(modelfile_path, modelfile(source, config.template, tokenizer.eos_token or "",
+                                                config.max_new_tokens, adapter_source))
     log(f"Ollama Modelfile: {modelfile_path}")
     return commands(model_path, modelfile_path, config.template, config.max_new_tokens, adapter_path)

@@ -163,6 +163,6 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tiny_model_dir, tmp_path
     assert "DoRA" in capsys.readouterr().err
     assert main(["export", "--model", str(tiny_model_dir), "--adapter", str(make_adapter(tiny_model_dir, tmp_path / "a")),
                  "--adapter-only", "--output", out]) == 0  # a plain LoRA is fine
-    assert not list(tmp_path.glob(".*.tmp-*"))  # nothing half-written left behind
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
 
 

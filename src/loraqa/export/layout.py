@@ -89,12 +89,18 @@ def base_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
         raise ValueError("export: the model has an untied output head that its state dict does not hold")
 
 
-def layout(config, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A transformers tensor (or a LoRA B matrix, whose rows are the weight's rows) in llama.cpp's layout."""
-    if config.model_type == "gpt2" and name.endswith(CONV1D):
-        return tensor.T
+def permute_qk(config, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Rows of a Llama ``q_proj``/``k_proj`` weight or bias (or of a LoRA B matrix on one, whose rows
+    are the weight's) in llama.cpp's order; any other tensor as it is."""
     if config.model_type == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
         return permute_rows(tensor, config.num_attention_heads)
     if config.model_type == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
         return permute_rows(tensor, config.num_key_value_heads or config.num_attention_heads)
     return tensor
+
+
+def layout(config, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A transformers weight in llama.cpp's layout: GPT-2's Conv1D transposed, Llama's q/k permuted."""
+    if config.model_type == "gpt2" and name.endswith(CONV1D):
+        return tensor.T
+    return permute_qk(config, name, tensor)

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 
-
 def ollama_template(template: str) -> str:
     """The run's prompt template in Ollama's Go template syntax."""
     if "{{" in template or "}}" in template:

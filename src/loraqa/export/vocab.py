@@ -60,7 +60,7 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     """Write ``tokenizer`` into ``writer``: llama.cpp's "gpt2" (byte-level BPE) tokenizer model."""
     model = _bpe(tokenizer)
     reverse = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for i in range(vocab_size):  # the embedding may have more rows than the tokenizer has tokens
         if i not in reverse:

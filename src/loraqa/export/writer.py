@@ -2,13 +2,12 @@
 
 ``write_model``: a plain transformers model (base + LoRA merged) as one file. ``write_adapter``: the
 LoRA alone (``general.type = adapter``), for ``llama-cli -m base.gguf --lora adapter.gguf`` and
-Ollama's ``ADAPTER``. Both are written to a temporary name and renamed when complete.
+Ollama's ``ADAPTER``. Both are written atomically (``io.save_file_atomic``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loraqa.export.layout import ARCHITECTURES, add_hparams, architecture, base_tensors, gguf_name, permute_rows
+from loraqa.export.layout import ARCHITECTURES, add_hparams, architecture, base_tensors, gguf_name, permute_qk
 from loraqa.export.vocab import add_vocab
-from loraqa.io import log
+from loraqa.io import log, save_file_atomic
 
 OUTTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -43,16 +42,10 @@ def _write(writer: gguf.GGUFWriter, path: Path, progress: bool) -> None:
     writer.close()
 
 
-def _atomically(path: Path, fill) -> None:
-    """``fill(writer_path)`` writes the file; it appears at ``path`` only when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        start = time.perf_counter()
-        fill(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _save(path: Path, fill) -> None:
+    """``fill(tmp)`` writes the GGUF file, atomically (``io.save_file_atomic``); its size and time logged."""
+    start = time.perf_counter()
+    save_file_atomic(path, fill)
     log(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
 
 
@@ -77,7 +70,7 @@ def write_model(model, tokenizer, path: str | Path, outtype: str = "f16", name: 
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write(writer, tmp, progress)
 
-    _atomically(path, fill)
+    _save(path, fill)
     return path
 
 
@@ -105,11 +98,8 @@ def adapter_tensors(peft_model) -> tuple[list[tuple[str, torch.Tensor]], float]:
             raise ValueError("--adapter-only: the adapter holds LoRA on embeddings, which is not exported; export it merged")
         a, b = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
         weight = f"{module_name}.weight"
-        if arch == "llama" and weight.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_attention_heads if "q_proj" in weight else config.num_key_value_heads or config.num_attention_heads
-            b = permute_rows(b, heads)  # B's rows are the weight's rows
         gname = gguf_name(names, weight)
-        out += [(f"{gname}.lora_a", a), (f"{gname}.lora_b", b)]
+        out += [(f"{gname}.lora_a", a), (f"{gname}.lora_b", permute_qk(config, weight, b))]  # B's rows are the weight's
         ranks.add(a.shape[0])
     if not out:
         raise ValueError("--adapter-only: the adapter has no LoRA layers")
@@ -137,5 +127,5 @@ def write_adapter(peft_model, path: str | Path, progress: bool = True) -> Path:
             writer.add_tensor(gname, tensor.detach().float().contiguous().numpy())
         _write(writer, tmp, progress)
 
-    _atomically(path, fill)
+    _save(path, fill)
     return path

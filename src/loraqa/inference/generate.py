@@ -47,8 +47,9 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     slot of the answers)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows, width = input_ids.shape
-    order = attention_mask.sum(-1).argsort(descending=True, stable=True)
-    input_ids, attention_mask = input_ids[order], attention_mask[order]
+    lengths = attention_mask.sum(-1)
+    order = lengths.argsort(descending=True, stable=True)
+    input_ids, attention_mask, lengths = input_ids[order], attention_mask[order], lengths[order]
     past = 0 if prefix is None else prefix[0].size(1)
     # one slot per column, filled left to right; the mask marks the filled real ones
     slots = past + width + max_new_tokens
@@ -59,13 +60,15 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         past_mask = attention_mask.new_zeros(rows, 0)
     else:
         prefix_ids, prefix_mask, row_prefix = prefix
-        group_order = prefix_mask.sum(-1).argsort(descending=True, stable=True)
+        prefix_lengths = prefix_mask.sum(-1)
+        group_order = prefix_lengths.argsort(descending=True, stable=True)
         prefix_ids, prefix_mask = prefix_ids[group_order], prefix_mask[group_order]
+        prefix_lengths = prefix_lengths[group_order]
         row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
         prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), slots)
         prefix_full[:, :past] = prefix_mask
         with record_function("prefill:passage"):
-            prefill_runs(model, cache, prefix_ids, prefix_mask.sum(-1).tolist(), prefix_full,
+            prefill_runs(model, cache, prefix_ids, prefix_lengths.tolist(), prefix_full,
                          prefix_positions(prefix_mask), 0, kw)
         with record_function("cache:spread"):  # (G, ...) -> (B, ...): each row gets its group's prefix
             spread_static(cache, row_prefix, pool or KVPool())
@@ -74,7 +77,7 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     mask[:, :past] = past_mask
     mask[:, past:past + width] = attention_mask
     with record_function("prefill:question"):
-        logits = prefill_runs(model, cache, input_ids, attention_mask.sum(-1).tolist(), mask, position_ids, past, kw)
+        logits = prefill_runs(model, cache, input_ids, lengths.tolist(), mask, position_ids, past, kw)
     return cache, kw, logits, mask, position_ids, order, past + width
 
 
@@ -155,14 +158,16 @@ def prefill_probe(model, features: list[Feature], batch_size: int, pad_id: int, 
     return step
 
 
+def answer_lengths(generated: torch.Tensor, stop_ids: list[int]) -> list[int]:
+    """Each row's generated tokens up to and including its first stop token (all of them without one)."""
+    stops = set(stop_ids)
+    return [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in generated.tolist()]
+
+
 def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> list[str]:
     """Text of each row up to and including its first stop token, cut to one stripped line."""
-    stops = set(stop_ids)
-    answers = []
-    for row in generated.tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-        answers.append(cut_answer(tokenizer.decode(row[:end], skip_special_tokens=True)))
-    return answers
+    return [cut_answer(tokenizer.decode(row[:end], skip_special_tokens=True))
+            for row, end in zip(generated.tolist(), answer_lengths(generated, stop_ids))]
 
 
 def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings, device: torch.device,

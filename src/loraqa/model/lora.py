@@ -110,9 +110,14 @@ def merge_for_answering(model, precision: str = "fp32"):
         base = module.get_base_layer() if isinstance(module, LoraLayer) else None
         if base is not None and base.weight.dtype != dtype:
             base.weight = nn.Parameter(base.weight.detach().to(dtype), requires_grad=False)
+    return merge_lora(model)
+
+
+def merge_lora(peft_model):
+    """PEFT's ``merge_and_unload``: each LoRA delta added into its weight, a plain model back."""
     with warnings.catch_warnings():  # PEFT warns whenever a model with a tied head is merged: nothing to act on
         warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
-        return model.merge_and_unload()
+        return peft_model.merge_and_unload()
 
 
 def prepare_model(model, config):
@@ -152,7 +157,7 @@ def adapter_settings(adapter: str | Path | None) -> dict:
 def merge(config: Config, adapter: str, output_dir: str) -> Path:
     """Base model + adapter -> a plain transformers model folder (safetensors + tokenizer)."""
     model, tokenizer, _ = load_base(config)
-    merged = load_adapter(model, adapter).merge_and_unload()
+    merged = merge_lora(load_adapter(model, adapter))
     target = Path(output_dir)
     settings = Path(adapter) / ADAPTER_SETTINGS
 
