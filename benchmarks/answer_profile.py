@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -39,47 +39,50 @@ def load(args, examples):
     return load_answerer(config, args.adapter, examples)
 
 
-def row_steps(generated: torch.Tensor, stop_ids: set[int]) -> tuple[int, int]:
-    """(row-steps of a batch that keeps every row to its last step, row-steps the rows needed: each
-    up to and including its first stop token)."""
-    needed = 0
-    for row in generated.tolist():
-        needed += next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-    return generated.numel(), needed
+class Rows:
+    """What loraqa's decoder generated while counted: each row's tokens up to its stop, in decoding
+    order, and the row-steps of batches that kept every row to their last step."""
+
+    def __init__(self):
+        self.lengths: list[int] = []
+        self.full_steps = 0
+        self.batches = 0
 
 
-def run(answerer, examples, profile: bool):
+@contextmanager
+def counting_rows(tokenizer):
+    """Inside: ``inference.generate.greedy_generate`` records what it generated into the ``Rows`` yielded."""
     from loraqa.inference import generate
-    from loraqa.inference.evaluation import evaluate
 
-    counts = defaultdict(int)
-    stops = set(generate.stop_token_ids(answerer.tokenizer))
-    original = generate.greedy_generate
+    rows, stops, original = Rows(), generate.stop_token_ids(tokenizer), generate.greedy_generate
 
     def counted(*a, **k):
         out = original(*a, **k)
-        computed, needed = row_steps(out[0], stops)
-        counts["computed"] += computed
-        counts["needed"] += needed
-        counts["batches"] += 1
+        rows.lengths += generate.answer_lengths(out[0], stops)
+        rows.full_steps += out[0].numel()
+        rows.batches += 1
         return out
 
     generate.greedy_generate = counted
     try:
-        if not profile:
-            start = time.perf_counter()
-            predictions, _, metrics = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings,
-                                               answerer.device, answerer.precision, progress=False)
-            return predictions, time.perf_counter() - start, counts, None
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            predictions, _, _ = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings,
-                                         answerer.device, answerer.precision, progress=False)
-            seconds = time.perf_counter() - start
-        return predictions, seconds, counts, prof
+        yield rows
     finally:
         generate.greedy_generate = original
+
+
+def run(answerer, examples, profile: bool):
+    """(predictions, seconds, Rows, the profile or None) of one evaluation of ``examples``."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from loraqa.inference.evaluation import evaluate
+
+    with counting_rows(answerer.tokenizer) as rows, \
+            (torch_profile(activities=[ProfilerActivity.CPU]) if profile else nullcontext()) as prof:
+        start = time.perf_counter()
+        predictions, _, _ = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings,
+                                     answerer.device, answerer.precision, progress=False)
+        seconds = time.perf_counter() - start
+    return predictions, seconds, rows, prof
 
 
 def split(prof) -> dict[str, dict[str, float]]:
@@ -128,15 +131,16 @@ def main() -> None:
     answerer = load(args, examples)
     stop_token_ids(answerer.tokenizer)
     run(answerer, examples, profile=False)  # warm-up, on the same questions: first-call costs are not the steady state
-    predictions, seconds, counts, _ = run(answerer, examples, profile=False)
+    predictions, seconds, rows, _ = run(answerer, examples, profile=False)
     _, prof_seconds, _, prof = run(answerer, examples, profile=True)
     print(f"model {args.model} ({args.init}), adapter {args.adapter}, precision {answerer.precision}, "
           f"{len(examples)} questions, max_new_tokens {args.max_new_tokens}, {torch.get_num_threads()} threads")
     print(f"wall clock: {seconds:.2f} s = {len(examples) / seconds:.2f} questions/s "
-          f"({counts['batches']} batches)")
-    wasted = counts["computed"] - counts["needed"]
-    print(f"decoding row-steps: {counts['needed']} needed (each row up to its stop token); a batch that kept every "
-          f"row to its last step would compute {counts['computed']}, {wasted} ({100 * wasted / max(counts['computed'], 1):.0f}%) "
+          f"({rows.batches} batches)")
+    needed = sum(rows.lengths)
+    wasted = rows.full_steps - needed
+    print(f"decoding row-steps: {needed} needed (each row up to its stop token); a batch that kept every "
+          f"row to its last step would compute {rows.full_steps}, {wasted} ({100 * wasted / max(rows.full_steps, 1):.0f}%) "
           f"on rows that had stopped")
     parts = split(prof)
     covered = sum(v["total"] for v in parts.values())

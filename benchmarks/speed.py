@@ -84,14 +84,18 @@ def _setup(args, model: bool = True):
     return model, tokenizer, train, evals
 
 
+def _body_params(model) -> int:
+    """Weights the model multiplies by for every token: all but the embeddings (and an untied head)."""
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    if not model.config.tie_word_embeddings:
+        body -= model.get_output_embeddings().weight.numel()
+    return body
+
+
 def _flops_per_token(model, mean_len: float, answer_share: float) -> float:
     config = model.config
     d, n_layer = config.hidden_size, config.num_hidden_layers
-    emb = model.get_input_embeddings().weight.numel()
-    body = sum(p.numel() for p in model.parameters()) - emb
-    if not config.tie_word_embeddings:
-        body -= model.get_output_embeddings().weight.numel()
-    return 4 * body + 8 * n_layer * d * mean_len + answer_share * 4 * d * config.vocab_size
+    return 4 * _body_params(model) + 8 * n_layer * d * mean_len + answer_share * 4 * d * config.vocab_size
 
 
 def phase_train_loraqa(args) -> dict:
@@ -155,53 +159,34 @@ def phase_train_standard(args) -> dict:
             "tokens_per_second": real / seconds, "peak_mb": peak_mb(args)}
 
 
-def _eval_flops(model, tokenizer, examples, args, needed: dict[str, int]) -> float:
-    """Useful model FLOPs of answering ``examples``: each passage prefix once per group of its
-    questions (as loraqa shares it), each question's own tokens, and each generated token up to
-    its stop (``needed``); the LM head only where a next token is chosen. Forward only: 2 * N_body
-    per token, 4 * n_layer * d_model * position for attention, 2 * d_model * V per chosen token."""
-    import os
-
-    from loraqa.config import DEFAULT_TEMPLATE
-    from loraqa.data.batching import shared_prefix_batches
-    from loraqa.data.features import build_eval_features
+def _eval_flops(model, batches, pad_id: int, needed: list[int]) -> float:
+    """Useful model FLOPs of answering: each passage prefix once per group of its questions (the
+    prefix loraqa's collate shares), each question's own tokens, and each generated token up to
+    its stop (``needed``, in decoding order); the LM head only where a next token is chosen.
+    Forward only: 2 * N_body per token, 4 * n_layer * d_model * position for attention, 2 *
+    d_model * V per chosen token."""
+    from loraqa.data.batching import collate_shared_prefix
 
     config = model.config
-    d, n_layer = config.hidden_size, config.num_hidden_layers
-    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    if not config.tie_word_embeddings:
-        body -= model.get_output_embeddings().weight.numel()
-    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, args.max_length, args.max_new_tokens)
+    d, n_layer, body = config.hidden_size, config.num_hidden_layers, _body_params(model)
+    rows = iter(needed)
     flops = 0.0
-    for batch in shared_prefix_batches(features, args.eval_batch_size, args.eval_batch_tokens, args.max_new_tokens):
-        for group in batch:
-            prompts = [f.input_ids[:f.n_prompt] for f in group]
-            shared = min(min(len(p) for p in prompts) - 1, len(os.path.commonprefix(prompts)))
+    for groups in batches:
+        shared_lengths = collate_shared_prefix(groups, pad_id)["prefix_mask"].sum(-1).tolist()
+        for group, shared in zip(groups, shared_lengths):
             flops += 2 * body * shared + 4 * n_layer * d * shared * (shared - 1) / 2
             for f in group:
-                new = needed.get(f.id, args.max_new_tokens)
+                new = next(rows)
                 fed = f.n_prompt - shared + new - 1  # its own prompt tokens, then each generated token but the last
                 flops += 2 * body * fed + 4 * n_layer * d * sum(range(shared, shared + fed)) + 2 * d * config.vocab_size * new
     return flops
 
 
-def _counting_generated(tokenizer):
-    """Wraps loraqa's decoder to record each row's generated tokens up to its stop, in decoding order."""
-    from loraqa.inference import generate
-
-    stops, original, order = set(generate.stop_token_ids(tokenizer)), generate.greedy_generate, []
-
-    def counted(*a, **k):
-        out = original(*a, **k)
-        order.extend(next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in out[0].tolist())
-        return out
-
-    generate.greedy_generate = counted
-    return order
-
-
 def phase_eval_loraqa(args) -> dict:
+    from answer_profile import counting_rows  # benchmarks/, this script's folder
+
     from loraqa.config import Config
+    from loraqa.data.batching import shared_prefix_batches
     from loraqa.inference.answerer import load_answerer
     from loraqa.inference.evaluation import evaluate
     from loraqa.inference.generate import stop_token_ids
@@ -212,25 +197,18 @@ def phase_eval_loraqa(args) -> dict:
                     eval_batch_tokens=args.eval_batch_tokens)
     answerer = load_answerer(config, args.adapter, examples)  # what `loraqa evaluate` loads: the adapter merged
     stop_token_ids(answerer.tokenizer)  # cached on the tokenizer; computed before the clock, as for the standard recipe
-    lengths = _counting_generated(answerer.tokenizer)
-    start = time.perf_counter()
-    predictions, _, metrics = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings, answerer.device,
-                                       answerer.precision, progress=False)
-    seconds = time.perf_counter() - start
-    rows = [f.id for f in _decode_order(answerer, examples, args)]
-    flops = _eval_flops(answerer.model, answerer.tokenizer, examples, args, dict(zip(rows, lengths)))
+    with counting_rows(answerer.tokenizer) as rows:
+        start = time.perf_counter()
+        predictions, _, metrics = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings,
+                                           answerer.device, answerer.precision, progress=False)
+        seconds = time.perf_counter() - start
+    settings = answerer.settings  # the batches loraqa decoded, in its order
+    batches = shared_prefix_batches(answerer.features(examples)[0], settings.batch_size, settings.batch_tokens,
+                                    settings.max_new_tokens)
+    flops = _eval_flops(answerer.model, batches, answerer.tokenizer.pad_token_id, rows.lengths)
     return {"precision": answerer.precision, "why": answerer.precision_reason, "questions": len(examples),
             "seconds": seconds, "questions_per_second": len(examples) / seconds, "flops": flops,
             "f1": metrics["f1"], "predictions": predictions, "peak_mb": peak_mb(args)}
-
-
-def _decode_order(answerer, examples, args):
-    """The questions in the order loraqa's decoder answers them (its batches, row by row)."""
-    from loraqa.data.batching import shared_prefix_batches
-
-    features, _ = answerer.features(examples)
-    return [f for batch in shared_prefix_batches(features, args.eval_batch_size, args.eval_batch_tokens,
-                                                 args.max_new_tokens) for g in batch for f in g]
 
 
 def phase_eval_standard(args) -> dict:
