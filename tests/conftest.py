@@ -40,36 +40,45 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
+def build_tiny_model(arch: str, n_positions: int = 512):
+    """(a 2-layer random ``arch`` model, seeded, and the test tokenizer): GPT-2 32 wide, or a Llama with
+    grouped-query attention, rotary positions and a tied head."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    special = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "initializer_range": 0.3}  # logits wide enough for LoRA to move them
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2,
+                                          n_head=2, **special)), tokenizer
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
+                                        max_position_embeddings=n_positions, tie_word_embeddings=True,
+                                        **special)), tokenizer
+
+
+def save_tiny_model(folder: Path, arch: str, n_positions: int = 512):
+    """``build_tiny_model`` saved to ``folder`` (weights and tokenizer); returns (model in eval mode, tokenizer)."""
+    model, tokenizer = build_tiny_model(arch, n_positions)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval(), tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder with a 2-layer, 32-wide GPT-2 (seeded random weights) and its tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(folder)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        initializer_range=0.3)  # logits wide enough for LoRA to move them
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    save_tiny_model(folder, "gpt2")
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (grouped-query attention, rotary positions, a tied head) with the same tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=2, intermediate_size=128, max_position_embeddings=512,
-                         tie_word_embeddings=True, initializer_range=0.3,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    save_tiny_model(folder, "llama")
     return folder
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SQUAD, build_tokenizer
+from conftest import SQUAD, build_tokenizer, save_tiny_model
 from loraqa.cli import main
 from loraqa.export.writer import write_model
 from loraqa.model.load import load_model, load_tokenizer
@@ -17,23 +17,10 @@ HARD = ["Hello world", " leading space", "  two spaces", "digits 1234567 3.14 20
 
 
 def _tiny(arch: str, folder):
-    """A 2-layer random model of ``arch`` with the fixture's tokenizer, saved to ``folder``."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    special = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id}
-    if arch == "gpt2":  # 1024 positions: transformers' GGUF reader takes GPT-2's context length as 1024
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
-                                           initializer_range=0.3, **special))
-    else:  # grouped-query attention, tied head: what the q/k permutation and the missing output.weight must get right
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_attention_heads=4,
-                                             num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
-                                             max_position_embeddings=512, tie_word_embeddings=True,
-                                             initializer_range=0.3, **special))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return model.eval(), tok
+    """conftest's tiny ``arch`` model saved to ``folder``: GPT-2 with 1024 positions, as transformers'
+    GGUF reader takes GPT-2's context length as 1024; the Llama has grouped-query attention and a tied
+    head, what the q/k permutation and the missing output.weight must get right."""
+    return save_tiny_model(folder, arch, n_positions=1024 if arch == "gpt2" else 512)
 
 
 def _adapter(model_dir, folder, **lora):
