@@ -16,7 +16,7 @@ from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
 from loraqa.model.load import load_base, resolve_max_length
 from loraqa.model.lora import load_adapter, merge_for_answering
-from loraqa.model.precision import probe_precision, resolve_precision, store_frozen_weights
+from loraqa.model.precision import choose_precision, store_frozen_weights
 from loraqa.model.span import answer_spans
 from loraqa.training.processes import Processes
 
@@ -35,9 +35,8 @@ def prepare_for_answering(model, tokenizer, settings: DecodeSettings, setting: s
     # a few median prompts: the probe compares precisions, and six prefills of a whole batch take minutes on a CPU
     step = prefill_probe(model, features, min(settings.batch_size, PROBE_ROWS), tokenizer.pad_token_id,
                          device) if features else None
-    probe = probe_precision(model, step, everything=True) if step is not None else None
-    precision, why = resolve_precision(setting, device, probe)
-    model = merge_for_answering(model, precision)
+    precision, why = choose_precision(model, setting, device, step, everything=True)
+    model = merge_for_answering(model, precision)  # merged before the rest is stored: see merge_for_answering
     store_frozen_weights(model, precision, everything=True)
     log(f"precision {precision} ({why})")
     return model, precision, why

@@ -117,15 +117,22 @@ def probe_precision(model, step: Callable[[str], None], everything: bool = False
     return probe
 
 
-def apply_precision(model, setting: str, device: torch.device, step: Callable[[str], None] | None = None,
-                    processes=None, everything: bool = False) -> tuple[str, str]:
-    """Resolve ``setting`` (probing with ``step`` where ``auto`` needs it), agree on the main
-    process's choice when there are several, and store the frozen weights in it.
+def choose_precision(model, setting: str, device: torch.device, step: Callable[[str], None] | None = None,
+                     processes=None, everything: bool = False) -> tuple[str, str]:
+    """Resolve ``setting`` (probing with ``step`` where ``auto`` needs it) and agree on the main
+    process's choice when there are several; the weights are left as they were.
     Returns (precision, why)."""
     probe = probe_precision(model, step, everything) if step is not None else None
     precision, why = resolve_precision(setting, device, probe)
     if processes is not None and processes.world > 1:  # timings differ by process; one choice for all
         chosen = processes.choose(precision, list(DTYPES))
         precision, why = chosen, why if chosen == precision else f"{why}; the main process chose {chosen}"
+    return precision, why
+
+
+def apply_precision(model, setting: str, device: torch.device, step: Callable[[str], None] | None = None,
+                    processes=None, everything: bool = False) -> tuple[str, str]:
+    """``choose_precision``, then store the frozen weights in it. Returns (precision, why)."""
+    precision, why = choose_precision(model, setting, device, step, processes, everything)
     store_frozen_weights(model, precision, everything)
     return precision, why
