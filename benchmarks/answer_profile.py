@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-REGIONS = ("prefill:passage", "cache:spread", "prefill:question", "decode:step", "cache:compact")
+REGIONS = ("prefill:passage", "cache:spread", "prefill:question", "cache:carry", "decode:step", "cache:compact")
 # the ops that do the model's arithmetic; the rest of a region's time is small ops and Python
 KERNELS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
            "aten::_scaled_dot_product_attention_math", "aten::baddbmm", "aten::index_select", "aten::index_copy_")
@@ -40,34 +40,45 @@ def load(args, examples):
 
 
 class Rows:
-    """What loraqa's decoder generated while counted: each row's tokens up to its stop, in decoding
-    order, and the row-steps of batches that kept every row to their last step."""
+    """What loraqa's decoder did while counted: each row's tokens up to its stop ({tag: n}, the
+    tags are the rows' places in the list of questions decoded), the batches, and the number of
+    rows in each decoding step."""
 
     def __init__(self):
-        self.lengths: list[int] = []
-        self.full_steps = 0
+        self.lengths: dict[int, int] = {}
         self.batches = 0
+        self.steps: list[int] = []
 
 
 @contextmanager
-def counting_rows(tokenizer):
-    """Inside: ``inference.generate.greedy_generate`` records what it generated into the ``Rows`` yielded."""
+def counting_rows(model):
+    """Inside: ``inference.generate``'s decoding (``inference.decoder.decode``) records what it
+    generated, and ``model``'s decoding steps their rows, into the ``Rows`` yielded."""
     from loraqa.inference import generate
 
-    rows, stops, original = Rows(), generate.stop_token_ids(tokenizer), generate.greedy_generate
+    rows, original = Rows(), generate.decode
 
-    def counted(*a, **k):
-        out = original(*a, **k)
-        rows.lengths += generate.answer_lengths(out[0], stops)
-        rows.full_steps += out[0].numel()
-        rows.batches += 1
-        return out
+    def batches_counted(batches):
+        for batch in batches:
+            rows.batches += 1
+            yield batch
 
-    generate.greedy_generate = counted
+    def counted(model, batches, *a, **k):
+        for tag, tokens, watched in original(model, batches_counted(batches), *a, **k):
+            rows.lengths[tag] = len(tokens)
+            yield tag, tokens, watched
+
+    def step(module, args, kwargs):
+        if kwargs["input_ids"].size(1) == 1:
+            rows.steps.append(kwargs["input_ids"].size(0))
+
+    generate.decode = counted
+    hook = model.register_forward_pre_hook(step, with_kwargs=True)
     try:
         yield rows
     finally:
-        generate.greedy_generate = original
+        generate.decode = original
+        hook.remove()
 
 
 def run(answerer, examples, profile: bool):
@@ -76,7 +87,7 @@ def run(answerer, examples, profile: bool):
 
     from loraqa.inference.evaluation import evaluate
 
-    with counting_rows(answerer.tokenizer) as rows, \
+    with counting_rows(answerer.model) as rows, \
             (torch_profile(activities=[ProfilerActivity.CPU]) if profile else nullcontext()) as prof:
         start = time.perf_counter()
         predictions, _, _ = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings,
@@ -137,11 +148,10 @@ def main() -> None:
           f"{len(examples)} questions, max_new_tokens {args.max_new_tokens}, {torch.get_num_threads()} threads")
     print(f"wall clock: {seconds:.2f} s = {len(examples) / seconds:.2f} questions/s "
           f"({rows.batches} batches)")
-    needed = sum(rows.lengths)
-    wasted = rows.full_steps - needed
-    print(f"decoding row-steps: {needed} needed (each row up to its stop token); a batch that kept every "
-          f"row to its last step would compute {rows.full_steps}, {wasted} ({100 * wasted / max(rows.full_steps, 1):.0f}%) "
-          f"on rows that had stopped")
+    needed = sum(n - 1 for n in rows.lengths.values())  # a row's first token comes from its prefill
+    few = [n for n in rows.steps if n <= 4]
+    print(f"decoding: {len(rows.steps)} steps, {sum(rows.steps)} row-steps computed, {needed} needed (each row "
+          f"up to its stop token); {len(few)} steps of 4 rows or fewer")
     parts = split(prof)
     covered = sum(v["total"] for v in parts.values())
     print(f"\nunder the profiler: {prof_seconds:.2f} s (profiling adds its own overhead per op)")

@@ -159,24 +159,23 @@ def phase_train_standard(args) -> dict:
             "tokens_per_second": real / seconds, "peak_mb": peak_mb(args)}
 
 
-def _eval_flops(model, batches, pad_id: int, needed: list[int]) -> float:
+def _eval_flops(model, batches, pad_id: int, needed: dict[str, int]) -> float:
     """Useful model FLOPs of answering: each passage prefix once per group of its questions (the
     prefix loraqa's collate shares), each question's own tokens, and each generated token up to
-    its stop (``needed``, in decoding order); the LM head only where a next token is chosen.
+    its stop (``needed``, by question id); the LM head only where a next token is chosen.
     Forward only: 2 * N_body per token, 4 * n_layer * d_model * position for attention, 2 *
     d_model * V per chosen token."""
     from loraqa.data.batching import collate_shared_prefix
 
     config = model.config
     d, n_layer, body = config.hidden_size, config.num_hidden_layers, _body_params(model)
-    rows = iter(needed)
     flops = 0.0
     for groups in batches:
         shared_lengths = collate_shared_prefix(groups, pad_id)["prefix_mask"].sum(-1).tolist()
         for group, shared in zip(groups, shared_lengths):
             flops += 2 * body * shared + 4 * n_layer * d * shared * (shared - 1) / 2
             for f in group:
-                new = next(rows)
+                new = needed[f.id]
                 fed = f.n_prompt - shared + new - 1  # its own prompt tokens, then each generated token but the last
                 flops += 2 * body * fed + 4 * n_layer * d * sum(range(shared, shared + fed)) + 2 * d * config.vocab_size * new
     return flops
@@ -197,15 +196,16 @@ def phase_eval_loraqa(args) -> dict:
                     eval_batch_tokens=args.eval_batch_tokens)
     answerer = load_answerer(config, args.adapter, examples)  # what `loraqa evaluate` loads: the adapter merged
     stop_token_ids(answerer.tokenizer)  # cached on the tokenizer; computed before the clock, as for the standard recipe
-    with counting_rows(answerer.tokenizer) as rows:
+    with counting_rows(answerer.model) as rows:
         start = time.perf_counter()
         predictions, _, metrics = evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings,
                                            answerer.device, answerer.precision, progress=False)
         seconds = time.perf_counter() - start
     settings = answerer.settings  # the batches loraqa decoded, in its order
-    batches = shared_prefix_batches(answerer.features(examples)[0], settings.batch_size, settings.batch_tokens,
-                                    settings.max_new_tokens)
-    flops = _eval_flops(answerer.model, batches, answerer.tokenizer.pad_token_id, rows.lengths)
+    features = answerer.features(examples)[0]
+    batches = shared_prefix_batches(features, settings.batch_size, settings.batch_tokens, settings.max_new_tokens)
+    needed = {f.id: rows.lengths[i] for i, f in enumerate(features)}  # the decoder's tags: places in features
+    flops = _eval_flops(answerer.model, batches, answerer.tokenizer.pad_token_id, needed)
     return {"precision": answerer.precision, "why": answerer.precision_reason, "questions": len(examples),
             "seconds": seconds, "questions_per_second": len(examples) / seconds, "flops": flops,
             "f1": metrics["f1"], "predictions": predictions, "peak_mb": peak_mb(args)}

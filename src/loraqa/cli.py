@@ -262,13 +262,16 @@ COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_ev
             "params": cmd_params, "compare": cmd_compare, "report": cmd_report, "merge": cmd_merge, "export": cmd_export,
             "ask": cmd_ask,
             "serve": cmd_serve}
+# jemalloc for the commands that train (glibc's heap fragments under gradient checkpointing); answering
+# is faster on glibc with freed memory kept: docs/design-notes.md
+TRAINS = {"quickstart", "train", "compare"}
 
 
 def main(argv: list[str] | None = None) -> int:
     # PEFT calls a transformers property that transformers deprecated; the warning is not the user's
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    if argv is None:  # the command line, not a call from Python: the same command under jemalloc (runtime.py)
+    if argv is None and args.command in TRAINS:  # the command line: the same command under jemalloc (runtime.py)
         run_under_jemalloc([sys.executable, "-m", "loraqa.cli", *sys.argv[1:]])
     keep_freed_memory()
     try:

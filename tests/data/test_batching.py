@@ -25,7 +25,7 @@ def test_decoding_batches_shrink_for_long_prompts():
     long = [Feature(f"l{i}", [50 + i] * 30, 30) for i in range(4)]
     batches = shared_prefix_batches(short + long, batch_size=8, max_tokens=80, new_tokens=10)
     sizes = [sum(len(g) for g in b) for b in batches]
-    assert sizes == [2, 2, 7, 1]  # 2 x (30 + 10) fits 80; 7 x (1 + 10) = 77 fits, 8 would not
+    assert sizes == [1, 7, 2, 2]  # 2 x (30 + 10) fits 80; 7 x (1 + 10) = 77 fits, 8 would not; shortest first
     assert sorted(f.id for b in batches for g in b for f in g) == sorted(f.id for f in short + long)
 
 

@@ -3,7 +3,8 @@ import torch
 
 from loraqa.config import DEFAULT_TEMPLATE
 from loraqa.data.features import build_eval_features
-from loraqa.inference.generate import decode_answers, greedy_generate, predict, stop_token_ids
+from loraqa.inference.decoder import greedy_generate
+from loraqa.inference.generate import answer_text, predict, stop_token_ids
 from loraqa.inference.settings import DecodeSettings
 from loraqa.model.prefix import KVPool
 
@@ -40,6 +41,7 @@ def test_kv_pool_reuses_its_memory_and_regrows_when_needed():
     assert big.shape == (3, 2, 5, 4) and small.shape == (2, 2, 5, 4) and small.is_contiguous()
     assert small.data_ptr() == big.data_ptr()  # the same memory, no new allocation
     assert pool.view(1, "keys", like, rows=2).data_ptr() != small.data_ptr()  # each layer its own
+    assert pool.view(0, "keys", like, rows=2, side=1).data_ptr() != small.data_ptr()  # and each side
     assert pool.view(0, "keys", like, rows=4).shape == (4, 2, 5, 4)  # bigger: a new buffer
     assert pool.view(0, "keys", like.double(), rows=1).dtype == torch.float64
 
@@ -49,8 +51,7 @@ def test_rows_stop_at_eos_or_newline(tokenizer):
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
     assert tokenizer.eos_token_id in stops and newline in stops
     word = tokenizer(" Denver", add_special_tokens=False)["input_ids"]
-    rows = torch.tensor([word + [newline] + word, word + [tokenizer.eos_token_id] + word])
-    assert decode_answers(tokenizer, rows, stops) == ["Denver", "Denver"]
+    assert answer_text(tokenizer, word + [newline]) == answer_text(tokenizer, word + [tokenizer.eos_token_id]) == "Denver"
 
 
 def test_rows_that_stop_leave_the_batch_and_the_others_decode_as_before(tiny_model, tokenizer, examples):

@@ -63,6 +63,8 @@ def shared_prefix_batches(features: list[Feature], batch_size: int,
     A group holds at most ``batch_size`` prompts. Groups of similar prefix length are packed
     into batches of at most ``batch_size`` rows and, when given, ``max_tokens`` key/value slots
     (rows x (widest prompt + ``new_tokens``)): long prompts get smaller batches, short ones larger.
+    The batches come shortest prompts first: a batch's last rows, carried into the next
+    (``inference.decoder``), then fit in the columns its longer prompts fill anyway.
     """
     groups = [[features[i] for i in g[c:c + batch_size]]
               for g in context_groups(features) for c in range(0, len(g), batch_size)]
@@ -78,7 +80,7 @@ def shared_prefix_batches(features: list[Feature], batch_size: int,
         batches[-1].append(group)
         rows += len(group)
         width = max(width, g_width)
-    return batches
+    return batches[::-1]
 
 
 def context_batches(groups: list[list[int]], batch_size: int, seed: int) -> list[list[int]]:

@@ -75,39 +75,36 @@ def continue_from_prefix(lm, batch: dict[str, torch.Tensor]) -> dict:
 
 
 class KVPool:
-    """Key/value memory that every decoding batch's cache reuses: one flat buffer per layer and
-    kind, regrown only when a batch needs more (a fresh cache-sized tensor per batch has its pages
-    mapped and zero-filled by the OS on first touch: docs/design-notes.md)."""
+    """Key/value memory that every decoding batch's cache reuses: one flat buffer per layer, kind
+    and side, regrown only when a batch needs more (a fresh cache-sized tensor has its pages mapped
+    and zero-filled by the OS on first touch: docs/design-notes.md). Two sides, so a cache in one
+    can be copied into the other (rows dropped, rows carried) without a new tensor."""
 
     def __init__(self):
-        self.buffers: dict[tuple[int, str], torch.Tensor] = {}
+        self.buffers: dict[tuple[int, str, int], torch.Tensor] = {}
 
-    def view(self, layer: int, kind: str, like: torch.Tensor, rows: int) -> torch.Tensor:
+    def view(self, layer: int, kind: str, like: torch.Tensor, rows: int, side: int = 0) -> torch.Tensor:
         """A contiguous (rows, *like.shape[1:]) tensor of ``like``'s dtype and device."""
         shape = (rows, *like.shape[1:])
         numel = torch.Size(shape).numel()
-        buf = self.buffers.get((layer, kind))
+        buf = self.buffers.get((layer, kind, side))
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.buffers[(layer, kind)] = torch.empty(numel, dtype=like.dtype, device=like.device)
+            buf = self.buffers[(layer, kind, side)] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
 
 
-def spread_static(cache, row_prefix: torch.Tensor, pool: KVPool) -> None:
+def spread_static(cache, row_prefix: torch.Tensor, pool: KVPool, rows: int | None = None, side: int = 0) -> None:
     """Decoding: replace each layer's (G, ...) keys and values of a prefilled ``StaticCache`` by
     (B, ...) ones, row i a copy of group ``row_prefix[i]`` (what ``reorder_cache`` does, but into
     ``pool``'s memory). The copied slots past the prefix are the lazily initialised zeros: masked
-    slots must hold finite values."""
+    slots must hold finite values. With ``rows`` (> B), rows B.. are left for the caller to fill.
+    ``side``: the pool's side to write (:class:`KVPool`)."""
     for i, layer in enumerate(cache.layers):
         for kind in ("keys", "values"):
             src = getattr(layer, kind)
-            setattr(layer, kind, torch.index_select(src, 0, row_prefix, out=pool.view(i, kind, src, len(row_prefix))))
-
-
-def compact_static(cache, keep: torch.Tensor) -> None:
-    """Decoding: keep only rows ``keep`` of a ``StaticCache`` (the rows still generating), so the
-    steps after read and attend over theirs alone."""
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
+            out = pool.view(i, kind, src, rows or len(row_prefix), side)
+            torch.index_select(src, 0, row_prefix, out=out[:len(row_prefix)])
+            setattr(layer, kind, out)
 
 
 # a forward's own cost (Python, per-layer small ops) in token-rows of matrix products: measured on
@@ -132,16 +129,17 @@ def width_runs(widths: list[int], run_cost: int = RUN_COST_TOKENS) -> list[tuple
 
 
 def prefill_runs(model, cache, input_ids: torch.Tensor, lengths: list[int], mask: torch.Tensor,
-                 position_ids: torch.Tensor, start: int, kw: dict) -> torch.Tensor:
+                 position_ids: torch.Tensor, start: int, kw: dict, room: int | None = None) -> torch.Tensor:
     """Prefill left-padded rows (widest first) into cache slots ``start .. start + width`` in runs
     of similar width (:func:`width_runs`), each run cut to its own width, so little of the padding
     is computed; returns each row's last logits. A run reads and writes its rows of the cache
     through views, and the slots its shorter rows skip stay masked. ``mask`` covers every slot.
 
     A fresh cache is sized by its first write, which is the first run's: it is then regrown to
-    every row, keeping the dtypes the model wrote (a Llama's rotated keys can be fp32 under bf16
-    autocast while its values are bf16)."""
-    rows, width = input_ids.shape
+    every row (``room`` rows when given), keeping the dtypes the model wrote (a Llama's rotated keys
+    can be fp32 under bf16 autocast while its values are bf16)."""
+    width = input_ids.size(1)
+    rows = room or input_ids.size(0)
     logits = []
     full = [(layer.keys, layer.values) for layer in cache.layers] if cache.layers[0].is_initialized else None
     try:

@@ -1,0 +1,234 @@
+"""Batched greedy decoding with the KV cache: batches of prompts in, each row's tokens out as it ends.
+
+Questions about the same passage share its prefill (``model.prefix``): the passage runs once and
+its keys and values are copied to each question's row. Prompts are left-padded so each row's next
+token lands in the same column; position ids count only real tokens, so a padded row computes what
+it would alone. Rows are prefilled in runs of similar width, so little padding is computed. Each
+row stops at its first stop token and leaves the batch (its rows of the cache dropped). The cache
+is a ``StaticCache`` written in place, its rows in memory that every batch reuses (why:
+docs/design-notes.md). A LoRA adapter arrives merged (``model.lora.merge_for_answering``).
+
+A batch's last few rows are *carried*: once at most a quarter of its rows are still decoding, the
+next batch is prefilled and they continue among its rows. A step reads every weight whatever the
+number of rows, so on a CPU a step of one row costs nearly what a step of sixty does; carried, a
+batch's long answers ride along the next batch's steps instead of running alone (docs/speed.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import record_function
+from transformers import StaticCache
+
+from loraqa.model.load import cache_kwarg
+from loraqa.model.prefix import KVPool, positions_after, prefill_runs, prefix_positions, spread_static
+
+CARRY_SHARE = 4  # a batch hands its rows on to the next once at most 1/CARRY_SHARE of them are left
+
+
+@dataclass
+class Batch:
+    """Left-padded prompts (or each prompt's remainder after ``prefix``) and the caller's ``tags``,
+    one per row. ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)): passages
+    that several rows share, each row's group in ``row_prefix``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    tags: list
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class Live:
+    """The rows decoding now: one batch's, with any carried from the batches before. Every row's
+    ``pending`` token (chosen, not yet run) goes to column ``col`` of the cache."""
+
+    cache: StaticCache
+    kw: dict
+    mask: torch.Tensor       # (R, slots): the filled real slots
+    positions: torch.Tensor  # (R, 1): each pending token's position id
+    pending: torch.Tensor    # (R,)
+    tags: list
+    made: list[list[int]]    # each row's tokens so far, pending included
+    col: int
+    watched: list            # each row's probability that its first token was the watched one, or None
+    pool: KVPool
+    side: int                # the pool's side that holds the cache (-1: none)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only ``rows`` go on: the others' slots leave the cache (copied into the pool's other side),
+        so later steps compute these alone."""
+        side = 1 if self.side == 0 else 0
+        for i, layer in enumerate(self.cache.layers):
+            for kind in ("keys", "values"):
+                src = getattr(layer, kind)
+                setattr(layer, kind, torch.index_select(src, 0, rows, out=self.pool.view(i, kind, src, len(rows), side)))
+        self.side = side
+        self.mask, self.positions, self.pending = self.mask[rows], self.positions[rows], self.pending[rows]
+        picked = rows.tolist()
+        self.tags, self.made, self.watched = ([x[i] for i in picked] for x in (self.tags, self.made, self.watched))
+
+
+def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch.Tensor,
+           pool: KVPool | None = None, *, carry: bool = True, choose=None, watch_id: int | None = None,
+           na_thresh: float | None = None) -> Iterator[tuple[object, list[int], float | None]]:
+    """Yields (tag, tokens, watched) for every row as it ends: its tokens up to and including its
+    first stop token (at most ``max_new_tokens``), and the probability its first token was
+    ``watch_id`` (None without one): with the no-answer token, SQuAD v2.0's no-answer probability.
+
+    ``choose(logits, tokens so far, tags)`` replaces the argmax (``inference.constrain.ContextConstraint``).
+    With ``na_thresh`` (and ``watch_id``), the first token is ``watch_id`` exactly where its
+    probability is above ``na_thresh``, and elsewhere the likeliest other token: the threshold, not
+    the argmax, decides whether to answer. ``carry=False`` decodes each batch to its end alone.
+    """
+    stops = set(stop_ids.tolist())
+    pool = pool or KVPool()
+    live, batches = None, iter(batches)
+    batch = next(batches, None)
+    while batch is not None or (live is not None and live.tags):
+        if batch is not None:
+            live, logits, first_rows = _admit(model, batch, max_new_tokens, pool, live if live and live.tags else None)
+            handover = len(live.tags) // CARRY_SHARE if carry else -1
+            yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh)
+            batch = next(batches, None)
+        while live.tags and (batch is None or len(live.tags) > handover):
+            yield from _step(model, live, stops, max_new_tokens, choose)
+
+
+def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live | None
+           ) -> tuple[Live, torch.Tensor, int]:
+    """Prefill ``batch`` into a fresh ``StaticCache`` with room for the ``carried`` rows, which are
+    copied in after it, their filled columns ending where the batch's do (so every pending token
+    goes to one column).
+    Returns (the rows: the batch's, sorted widest first, then the carried; the batch's last logits;
+    the number of the batch's rows)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    rows, width = input_ids.shape
+    lengths = attention_mask.sum(-1)
+    order = lengths.argsort(descending=True, stable=True)  # runs of similar width (model.prefix.prefill_runs)
+    input_ids, attention_mask, lengths = input_ids[order], attention_mask[order], lengths[order]
+    past = 0 if batch.prefix is None else batch.prefix[0].size(1)
+    extra = 0 if carried is None else len(carried.tags)
+    side = 1 if carried is not None and carried.side == 0 else 0  # not the side the carried rows are in
+    # one slot per column, filled left to right: the passages, the questions, then (masked) the
+    # columns that carried rows filled beyond this batch's prompts, then the answers
+    col = past + width if carried is None else max(past + width, carried.col)
+    cache = StaticCache(config=lm.config, max_cache_len=col + max_new_tokens)
+    kw = {cache_kwarg(lm): cache, "use_cache": True}
+    mask = attention_mask.new_zeros(rows + extra, col + max_new_tokens)
+    if batch.prefix is None:
+        past_mask = attention_mask.new_zeros(rows, 0)
+    else:
+        prefix_ids, prefix_mask, row_prefix = batch.prefix
+        prefix_lengths = prefix_mask.sum(-1)
+        group_order = prefix_lengths.argsort(descending=True, stable=True)
+        prefix_ids, prefix_mask = prefix_ids[group_order], prefix_mask[group_order]
+        prefix_lengths = prefix_lengths[group_order]
+        row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
+        prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), mask.size(1))
+        prefix_full[:, :past] = prefix_mask
+        with record_function("prefill:passage"):
+            prefill_runs(model, cache, prefix_ids, prefix_lengths.tolist(), prefix_full,
+                         prefix_positions(prefix_mask), 0, kw)
+        with record_function("cache:spread"):  # (G, ...) -> (B + carried, ...): each row gets its group's prefix
+            spread_static(cache, row_prefix, pool, rows + extra, side)
+        past_mask = prefix_mask[row_prefix]
+    position_ids = positions_after(past_mask, attention_mask)
+    mask[:rows, :past] = past_mask
+    mask[:rows, past:past + width] = attention_mask
+    with record_function("prefill:question"):
+        logits = prefill_runs(model, cache, input_ids, lengths.tolist(), mask[:rows], position_ids, past, kw,
+                              room=rows + extra)
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(col)
+    live = Live(cache, kw, mask, position_ids[:, -1:] + 1, input_ids.new_zeros(rows),
+                [batch.tags[i] for i in order.tolist()], [[] for _ in range(rows)], col, [None] * rows, pool,
+                side if batch.prefix is not None else -1)
+    if carried is not None:
+        with record_function("cache:carry"):
+            _take_in(live, carried, rows)
+    return live, logits, rows
+
+
+def _take_in(live: Live, carried: Live, start: int) -> None:
+    """Copy ``carried``'s rows into rows ``start..`` of ``live``, their filled columns ending where
+    ``live``'s do (the slots before them zero: masked slots must hold finite values)."""
+    n, span = len(carried.tags), slice(live.col - carried.col, live.col)
+    for layer, old in zip(live.cache.layers, carried.cache.layers):
+        for kind in ("keys", "values"):
+            new = getattr(layer, kind)[start:]
+            new.zero_()
+            new[:, :, span] = getattr(old, kind)[:, :, :carried.col]
+    live.mask[start:start + n, span] = carried.mask[:, :carried.col]
+    live.positions = torch.cat([live.positions, carried.positions])
+    live.pending = torch.cat([live.pending, carried.pending])
+    live.tags += carried.tags
+    live.made += carried.made
+    live.watched += carried.watched
+
+
+def _ended(live: Live, next_ids: torch.Tensor, stops: set, max_new_tokens: int, rows: range
+           ) -> Iterator[tuple[object, list[int], float | None]]:
+    """Record ``next_ids`` as rows ``rows``' tokens; yield the rows that end with them and drop them."""
+    going = [i for i in range(len(live.tags)) if i not in rows]
+    for i, t in zip(rows, next_ids.tolist()):
+        live.made[i].append(t)
+        if t in stops or len(live.made[i]) == max_new_tokens:
+            yield live.tags[i], live.made[i], live.watched[i]
+        else:
+            going.append(i)
+    live.pending[rows.start:rows.stop] = next_ids
+    if len(going) < len(live.tags):
+        with record_function("cache:compact"):
+            live.keep(torch.tensor(sorted(going), dtype=torch.long))
+
+
+def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_new_tokens: int, choose,
+                  watch_id, na_thresh) -> Iterator:
+    """The batch's first tokens, from its prefill's logits (the carried rows already have theirs)."""
+    watched = None if watch_id is None else logits.float().softmax(-1)[:, watch_id]
+    if na_thresh is not None:
+        abstain = watched > na_thresh
+        logits = logits.clone()
+        logits[~abstain, watch_id] = float("-inf")
+    next_ids = logits.argmax(-1) if choose is None else choose(logits, [[] for _ in range(rows)], live.tags[:rows])
+    if na_thresh is not None:
+        next_ids = torch.where(abstain, watch_id, next_ids)
+    if watched is not None:
+        live.watched[:rows] = watched.tolist()
+    yield from _ended(live, next_ids, stops, max_new_tokens, range(rows))
+
+
+def _step(model, live: Live, stops: set, max_new_tokens: int, choose) -> Iterator:
+    """Run every row's pending token; choose the next ones."""
+    live.mask[:, live.col] = 1
+    with record_function("decode:step"):
+        logits = model(input_ids=live.pending[:, None], attention_mask=live.mask, position_ids=live.positions,
+                       **live.kw).logits[:, -1]
+    live.col += 1
+    live.positions = live.positions + 1
+    next_ids = logits.argmax(-1) if choose is None else choose(logits, live.made, live.tags)
+    yield from _ended(live, next_ids, stops, max_new_tokens, range(len(live.tags)))
+
+
+@torch.inference_mode()
+def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                    stop_ids: torch.Tensor, pad_id: int,
+                    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    pool: KVPool | None = None, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch: ((B, longest row) generated ids, each row's ending with its first stop token then
+    ``pad_id``; (B,) the watched probabilities or None). ``options`` are :func:`decode`'s."""
+    rows = input_ids.size(0)
+    out = {tag: (tokens, p) for tag, tokens, p in
+           decode(model, [Batch(input_ids, attention_mask, list(range(rows)), prefix)], max_new_tokens, stop_ids,
+                  pool, **options)}
+    longest = max(len(out[r][0]) for r in range(rows))
+    generated = input_ids.new_full((rows, longest), pad_id)
+    for r in range(rows):
+        generated[r, :len(out[r][0])] = torch.tensor(out[r][0])
+    watched = None if out[0][1] is None else torch.tensor([out[r][1] for r in range(rows)])
+    return generated, watched
