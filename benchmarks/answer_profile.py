@@ -12,6 +12,9 @@ unmerged (PEFT's modules at every step) against the answering path.
     D=../shared/data/squad
     python benchmarks/answer_profile.py --model $(../shared/tools/get-smollm2) --adapter RUN/adapter \
         --eval-file $D/proxy-dev-v1.1.json --eval-examples 96 --precision fp32
+
+``--forwards`` instead times one evaluation's forward calls with hooks (any number of questions,
+about the time of ``loraqa evaluate``): prefill, and decoding steps by their number of rows.
 """
 
 from __future__ import annotations
@@ -81,6 +84,48 @@ def counting_rows(model):
         hook.remove()
 
 
+@contextmanager
+def timing_forwards(model):
+    """Inside: every call of ``model`` appends (rows, input width, seconds) to the list yielded (a
+    hook on the model alone, so it times any version of loraqa's decoding)."""
+    calls, started = [], []
+    pre = model.register_forward_pre_hook(lambda m, a, k: started.append(time.perf_counter()), with_kwargs=True)
+
+    def done(module, args, kwargs, out):
+        ids = kwargs["input_ids"]
+        calls.append((ids.size(0), ids.size(1), time.perf_counter() - started.pop()))
+
+    post = model.register_forward_hook(done, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        pre.remove()
+        post.remove()
+
+
+def forwards_report(answerer, examples) -> None:
+    """One evaluation, no warm-up, no profiler: its forward calls, prefill against decoding steps
+    by their number of rows."""
+    from loraqa.inference.evaluation import evaluate
+
+    with timing_forwards(answerer.model) as calls:
+        start = time.perf_counter()
+        evaluate(answerer.model, answerer.tokenizer, examples, answerer.settings, answerer.device,
+                 answerer.precision, progress=False)
+        seconds = time.perf_counter() - start
+    prefill = [c for c in calls if c[1] > 1]
+    steps = [c for c in calls if c[1] == 1]
+    print(f"{len(examples)} questions: {seconds:.1f} s = {len(examples) / seconds:.2f} questions/s")
+    print(f"prefill: {len(prefill)} calls, {sum(c[2] for c in prefill):.1f} s, "
+          f"{sum(c[0] * c[1] for c in prefill)} token-rows")
+    print(f"decoding: {len(steps)} steps, {sum(c[2] for c in steps):.1f} s, {sum(c[0] for c in steps)} row-steps")
+    for low, high in ((1, 1), (2, 4), (5, 8), (9, 16), (17, 64), (65, 10**6)):
+        some = [c for c in steps if low <= c[0] <= high]
+        if some:
+            print(f"  steps of {low}-{high} rows: {len(some)}, {sum(c[2] for c in some):.1f} s "
+                  f"({1000 * sum(c[2] for c in some) / len(some):.0f} ms each)")
+
+
 def run(answerer, examples, profile: bool):
     """(predictions, seconds, Rows, the profile or None) of one evaluation of ``examples``."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -131,6 +176,8 @@ def main() -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--compare-unmerged", action="store_true",
                    help="also time the adapter applied unmerged (its share of the time)")
+    p.add_argument("--forwards", action="store_true",
+                   help="only: one evaluation, its forward calls timed (prefill; decoding steps by rows)")
     args = p.parse_args()
 
     from loraqa.data.load import load_examples
@@ -141,6 +188,8 @@ def main() -> None:
     examples = load_examples(args.eval_file, "validation", args.eval_examples)
     answerer = load(args, examples)
     stop_token_ids(answerer.tokenizer)
+    if args.forwards:
+        return forwards_report(answerer, examples)
     run(answerer, examples, profile=False)  # warm-up, on the same questions: first-call costs are not the steady state
     predictions, seconds, rows, _ = run(answerer, examples, profile=False)
     _, prof_seconds, _, prof = run(answerer, examples, profile=True)

@@ -55,3 +55,47 @@ def test_carried_rows_decode_as_they_would_to_their_batchs_end(tiny_model, token
     lengths = sorted(len(alone[t]) for t in range(n))
     assert lengths[-1] == 8 and lengths[-2] <= 2  # the precondition: one row to carry
     assert carried_calls < alone_calls
+
+
+def test_key_value_heads_shared_give_the_same_numbers_as_copied(tiny_llama_dir):
+    """A grouped-query model (the tiny Llama: fewer key/value heads than query heads): a masked
+    prefill over a partly filled cache, with transformers' copies (repeat_kv) and with the heads
+    shared (kv_heads_shared), computes the same logits to the bit; the setting is restored after."""
+    import os
+
+    from transformers import StaticCache
+
+    from loraqa.inference.decoder import kv_heads_shared
+    from loraqa.model.load import cache_kwarg, load_model
+
+    model = load_model(str(tiny_llama_dir)).eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, :4] = 0  # a left-padded row
+    mask[:, 9:] = 0  # slots not written yet
+
+    def logits():
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask, position_ids=(mask[:, :9].cumsum(-1) - 1).clamp(min=0),
+                         **{cache_kwarg(model): cache, "use_cache": True}).logits
+
+    from transformers.integrations import sdpa_attention
+
+    copies, repeat_kv = [], sdpa_attention.repeat_kv
+    before = os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+    sdpa_attention.repeat_kv = lambda *a: copies.append(1) or repeat_kv(*a)
+    try:
+        copied = logits()
+        made = len(copies)
+        with kv_heads_shared(torch.device("cpu")):
+            assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+            shared = logits()
+        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    finally:
+        sdpa_attention.repeat_kv = repeat_kv
+        if before is not None:
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = before
+    assert made > 0 and len(copies) == made  # copied without, shared with
+    assert torch.equal(copied, shared)

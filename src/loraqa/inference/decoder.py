@@ -16,7 +16,9 @@ batch's long answers ride along the next batch's steps instead of running alone 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +92,34 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     batch = next(batches, None)
     while batch is not None or (live is not None and live.tags):
         if batch is not None:
-            live, logits, first_rows = _admit(model, batch, max_new_tokens, pool, live if live and live.tags else None)
+            with kv_heads_shared(batch.input_ids.device):
+                live, logits, first_rows = _admit(model, batch, max_new_tokens, pool,
+                                                  live if live and live.tags else None)
             handover = len(live.tags) // CARRY_SHARE if carry else -1
             yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh)
             batch = next(batches, None)
         while live.tags and (batch is None or len(live.tags) > handover):
             yield from _step(model, live, stops, max_new_tokens, choose)
+
+
+@contextmanager
+def kv_heads_shared(device: torch.device):
+    """On a CPU, transformers' SDPA with a mask copies a grouped-query model's key/value heads for
+    each query head of their group (``repeat_kv``) unless ``TRANSFORMERS_SDPA_FORCE_GQA=1``; torch's
+    CPU kernel then reads them shared (``enable_gqa``): the same numbers, without the copies
+    (docs/speed.md). Not on CUDA, where a masked GQA falls back to the math kernel."""
+    if device.type != "cpu":
+        yield
+        return
+    before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRANSFORMERS_SDPA_FORCE_GQA"]
+        else:
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = before
 
 
 def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live | None
@@ -206,7 +230,7 @@ def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_n
 def _step(model, live: Live, stops: set, max_new_tokens: int, choose) -> Iterator:
     """Run every row's pending token; choose the next ones."""
     live.mask[:, live.col] = 1
-    with record_function("decode:step"):
+    with record_function("decode:step"), kv_heads_shared(live.pending.device):
         logits = model(input_ids=live.pending[:, None], attention_mask=live.mask, position_ids=live.positions,
                        **live.kw).logits[:, -1]
     live.col += 1
