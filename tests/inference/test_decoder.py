@@ -89,10 +89,14 @@ def test_key_value_heads_shared_give_the_same_numbers_as_copied(tiny_llama_dir):
     try:
         copied = logits()
         made = len(copies)
-        with kv_heads_shared(torch.device("cpu")):
+        with kv_heads_shared(torch.device("cpu"), torch.float32):
             assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
             shared = logits()
         assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+        for off in (kv_heads_shared(torch.device("cpu"), torch.bfloat16),  # bf16: kept as transformers does it
+                    kv_heads_shared(torch.device("meta"), torch.float32)):  # not a CPU
+            with off:
+                assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
     finally:
         sdpa_attention.repeat_kv = repeat_kv
         if before is not None:

@@ -88,27 +88,29 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     """
     stops = set(stop_ids.tolist())
     pool = pool or KVPool()
+    dtype = next(model.parameters()).dtype
     live, batches = None, iter(batches)
     batch = next(batches, None)
     while batch is not None or (live is not None and live.tags):
         if batch is not None:
-            with kv_heads_shared(batch.input_ids.device):
+            with kv_heads_shared(batch.input_ids.device, dtype):
                 live, logits, first_rows = _admit(model, batch, max_new_tokens, pool,
                                                   live if live and live.tags else None)
             handover = len(live.tags) // CARRY_SHARE if carry else -1
             yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh)
             batch = next(batches, None)
         while live.tags and (batch is None or len(live.tags) > handover):
-            yield from _step(model, live, stops, max_new_tokens, choose)
+            yield from _step(model, live, stops, max_new_tokens, choose, dtype)
 
 
 @contextmanager
-def kv_heads_shared(device: torch.device):
-    """On a CPU, transformers' SDPA with a mask copies a grouped-query model's key/value heads for
-    each query head of their group (``repeat_kv``) unless ``TRANSFORMERS_SDPA_FORCE_GQA=1``; torch's
-    CPU kernel then reads them shared (``enable_gqa``): the same numbers, without the copies
-    (docs/speed.md). Not on CUDA, where a masked GQA falls back to the math kernel."""
-    if device.type != "cpu":
+def kv_heads_shared(device: torch.device, dtype: torch.dtype):
+    """On a CPU in fp32, transformers' SDPA with a mask copies a grouped-query model's key/value
+    heads for each query head of their group (``repeat_kv``) unless ``TRANSFORMERS_SDPA_FORCE_GQA=1``;
+    torch's CPU kernel then reads them shared (``enable_gqa``): the same numbers, without the copies
+    (docs/speed.md). Not in bf16, where it moved answers (30 of 302 zero-shot answers on SmolLM2),
+    nor on CUDA, where a masked GQA falls back to the math kernel."""
+    if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         yield
         return
     before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
@@ -227,10 +229,10 @@ def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_n
     yield from _ended(live, next_ids, stops, max_new_tokens, range(rows))
 
 
-def _step(model, live: Live, stops: set, max_new_tokens: int, choose) -> Iterator:
+def _step(model, live: Live, stops: set, max_new_tokens: int, choose, dtype: torch.dtype) -> Iterator:
     """Run every row's pending token; choose the next ones."""
     live.mask[:, live.col] = 1
-    with record_function("decode:step"), kv_heads_shared(live.pending.device):
+    with record_function("decode:step"), kv_heads_shared(live.pending.device, dtype):
         logits = model(input_ids=live.pending[:, None], attention_mask=live.mask, position_ids=live.positions,
                        **live.kw).logits[:, -1]
     live.col += 1
