@@ -63,12 +63,8 @@ class Live:
     def keep(self, rows: torch.Tensor) -> None:
         """Only ``rows`` go on: the others' slots leave the cache (copied into the pool's other side),
         so later steps compute these alone."""
-        side = 1 if self.side == 0 else 0
-        for i, layer in enumerate(self.cache.layers):
-            for kind in ("keys", "values"):
-                src = getattr(layer, kind)
-                setattr(layer, kind, torch.index_select(src, 0, rows, out=self.pool.view(i, kind, src, len(rows), side)))
-        self.side = side
+        self.side = 1 if self.side == 0 else 0
+        spread_static(self.cache, rows, self.pool, side=self.side)  # the same row gather, into the other side
         self.mask, self.positions, self.pending = self.mask[rows], self.positions[rows], self.pending[rows]
         picked = rows.tolist()
         self.tags, self.made, self.watched = ([x[i] for i in picked] for x in (self.tags, self.made, self.watched))

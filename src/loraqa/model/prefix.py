@@ -98,6 +98,7 @@ def spread_static(cache, row_prefix: torch.Tensor, pool: KVPool, rows: int | Non
     (B, ...) ones, row i a copy of group ``row_prefix[i]`` (what ``reorder_cache`` does, but into
     ``pool``'s memory). The copied slots past the prefix are the lazily initialised zeros: masked
     slots must hold finite values. With ``rows`` (> B), rows B.. are left for the caller to fill.
+    Decoding's dropped rows use it too (``row_prefix`` = the rows kept, into the other side).
     ``side``: the pool's side to write (:class:`KVPool`)."""
     for i, layer in enumerate(cache.layers):
         for kind in ("keys", "values"):
