@@ -16,6 +16,17 @@ def _batch(features, pad_id, tags):
     return Batch(t["input_ids"], t["attention_mask"], tags, (t["prefix_ids"], t["prefix_mask"], t["row_prefix"]))
 
 
+def _two_batches(tokenizer, examples):
+    """Two batches of the same questions, the second's passages cut short; (batches, rows a batch)."""
+    first, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 8)
+    # the second batch's prompts narrower than the first's: a carried row's filled slots go past theirs
+    second, _ = build_eval_features(tokenizer, [replace(ex, context=ex.context[:40]) for ex in examples],
+                                    DEFAULT_TEMPLATE, 512, 8)
+    assert max(f.n_prompt for f in second) < max(f.n_prompt for f in first)
+    pad, n = tokenizer.pad_token_id, len(first)
+    return [_batch(first, pad, list(range(n))), _batch(second, pad, list(range(n, 2 * n)))], n
+
+
 def _run(model, batches, stops, carry, choose):
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
@@ -33,13 +44,7 @@ def test_carried_rows_decode_as_they_would_to_their_batchs_end(tiny_model, token
     """A batch's last row, carried into the next batch (narrower prompts, other rows, a fresh
     cache), produces exactly the tokens it produces when its batch decodes to its end, in fewer
     forward calls."""
-    first, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 8)
-    # the second batch's prompts narrower than the first's: the carried row's filled slots go past theirs
-    second, _ = build_eval_features(tokenizer, [replace(ex, context=ex.context[:40]) for ex in examples],
-                                    DEFAULT_TEMPLATE, 512, 8)
-    assert max(f.n_prompt for f in second) < max(f.n_prompt for f in first)
-    pad, n = tokenizer.pad_token_id, len(first)
-    batches = [_batch(first, pad, list(range(n))), _batch(second, pad, list(range(n, 2 * n)))]
+    batches, n = _two_batches(tokenizer, examples)
     rule = ContextConstraint(tokenizer, [ex.context for ex in examples] * 2)
     choose = rule if constrained else None
     model = tiny_model.eval()
@@ -57,49 +62,37 @@ def test_carried_rows_decode_as_they_would_to_their_batchs_end(tiny_model, token
     assert carried_calls < alone_calls
 
 
-def test_key_value_heads_shared_give_the_same_numbers_as_copied(tiny_llama_dir):
-    """A grouped-query model (the tiny Llama: fewer key/value heads than query heads): a masked
-    prefill over a partly filled cache, with transformers' copies (repeat_kv) and with the heads
-    shared (kv_heads_shared), computes the same logits to the bit; the setting is restored after."""
-    import os
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_passages_read_once_decode_as_copies_in_every_row(arch, tiny_model_dir, tiny_llama_dir, tokenizer, examples,
+                                                          monkeypatch):
+    """Each passage's keys and values kept once beside the rows' cache (model.prefix_attention)
+    give the tokens that copying them into every row gives, with rows leaving and carried into
+    the next batch; the rows' own cache then holds no passage."""
+    from transformers import AttentionInterface
 
-    from transformers import StaticCache
+    from loraqa.inference import decoder
+    from loraqa.model.load import load_model
+    from loraqa.model.prefix_attention import NAME
 
-    from loraqa.inference.decoder import kv_heads_shared
-    from loraqa.model.load import cache_kwarg, load_model
+    model = load_model(str(tiny_llama_dir if arch == "llama" else tiny_model_dir)).eval()
+    batches, n = _two_batches(tokenizer, examples)
+    full, _ = _run(model, batches, [-1], False, None)
+    stops = sorted({full[t][1] for t in range(n)} - set(full[0]))  # rows end at different steps, row 0 runs on
+    widths, attend = [], AttentionInterface._global_mapping[NAME]
 
-    model = load_model(str(tiny_llama_dir)).eval()
-    assert model.config.num_key_value_heads < model.config.num_attention_heads
-    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(3, 16, dtype=torch.long)
-    mask[0, :4] = 0  # a left-padded row
-    mask[:, 9:] = 0  # slots not written yet
+    def spy(module, query, key, value, mask, shared_prefix=None, **kw):
+        if shared_prefix is not None and module.layer_idx == 0:
+            widths.append(key.size(2))
+        return attend(module, query, key, value, mask, shared_prefix=shared_prefix, **kw)
 
-    def logits():
-        cache = StaticCache(config=model.config, max_cache_len=16)
-        with torch.inference_mode():
-            return model(input_ids=ids, attention_mask=mask, position_ids=(mask[:, :9].cumsum(-1) - 1).clamp(min=0),
-                         **{cache_kwarg(model): cache, "use_cache": True}).logits
-
-    from transformers.integrations import sdpa_attention
-
-    copies, repeat_kv = [], sdpa_attention.repeat_kv
-    before = os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
-    sdpa_attention.repeat_kv = lambda *a: copies.append(1) or repeat_kv(*a)
-    try:
-        copied = logits()
-        made = len(copies)
-        with kv_heads_shared(torch.device("cpu"), torch.float32):
-            assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
-            shared = logits()
-        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
-        for off in (kv_heads_shared(torch.device("cpu"), torch.bfloat16),  # bf16: kept as transformers does it
-                    kv_heads_shared(torch.device("meta"), torch.float32)):  # not a CPU
-            with off:
-                assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
-    finally:
-        sdpa_attention.repeat_kv = repeat_kv
-        if before is not None:
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = before
-    assert made > 0 and len(copies) == made  # copied without, shared with
-    assert torch.equal(copied, shared)
+    monkeypatch.setitem(AttentionInterface._global_mapping, NAME, spy)
+    shared, _ = _run(model, batches, stops, True, None)
+    longest_passage = max(b.prefix[0].size(1) for b in batches)
+    # the rows' own columns: their question and answer, and a carried row's few more; no passage
+    assert widths and max(widths) <= 2 * (max(b.input_ids.size(1) for b in batches) + 8) < longest_passage
+    monkeypatch.setattr(decoder, "supports_shared_prefix", lambda lm: False)
+    widths.clear()
+    copied, _ = _run(model, batches, stops, True, None)
+    assert not widths  # the copies' path: transformers' own attention
+    assert shared == copied and set(shared) == set(range(2 * n))
+    assert len({len(t) for t in shared.values()}) > 1

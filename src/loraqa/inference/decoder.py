@@ -1,12 +1,14 @@
 """Batched greedy decoding with the KV cache: batches of prompts in, each row's tokens out as it ends.
 
 Questions about the same passage share its prefill (``model.prefix``): the passage runs once and
-its keys and values are copied to each question's row. Prompts are left-padded so each row's next
-token lands in the same column; position ids count only real tokens, so a padded row computes what
-it would alone. Rows are prefilled in runs of similar width, so little padding is computed. Each
-row stops at its first stop token and leaves the batch (its rows of the cache dropped). The cache
-is a ``StaticCache`` written in place, its rows in memory that every batch reuses (why:
-docs/design-notes.md). A LoRA adapter arrives merged (``model.lora.merge_for_answering``).
+its keys and values stay one copy beside the rows' cache, read once for all its questions at
+every step (``model.prefix_attention``; a model whose attention does not take it gets a copy in
+each row instead). Prompts are left-padded so each row's next token lands in the same column;
+position ids count only real tokens, so a padded row computes what it would alone. Rows are
+prefilled in runs of similar width, so little padding is computed. Each row stops at its first
+stop token and leaves the batch (its rows of the cache dropped). The cache is a ``StaticCache``
+written in place (why: docs/design-notes.md). A LoRA adapter arrives merged
+(``model.lora.merge_for_answering``).
 
 A batch's last few rows are *carried*: once at most a quarter of its rows are still decoding, the
 next batch is prefilled and they continue among its rows. A step reads every weight whatever the
@@ -16,9 +18,8 @@ batch's long answers ride along the next batch's steps instead of running alone 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from transformers import StaticCache
 
 from loraqa.model.load import cache_kwarg
 from loraqa.model.prefix import KVPool, positions_after, prefill_runs, prefix_positions, spread_static
+from loraqa.model.prefix_attention import SharedPrefix, prefix_attention, supports_shared_prefix
 
 CARRY_SHARE = 4  # a batch hands its rows on to the next once at most 1/CARRY_SHARE of them are left
 
@@ -59,6 +61,7 @@ class Live:
     watched: list            # each row's probability that its first token was the watched one, or None
     pool: KVPool
     side: int                # the pool's side that holds the cache (-1: none)
+    prefix: SharedPrefix | None = None  # the rows' passages, when kept apart from the cache
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only ``rows`` go on: the others' slots leave the cache (copied into the pool's other side),
@@ -66,6 +69,8 @@ class Live:
         self.side = 1 if self.side == 0 else 0
         spread_static(self.cache, rows, self.pool, side=self.side)  # the same row gather, into the other side
         self.mask, self.positions, self.pending = self.mask[rows], self.positions[rows], self.pending[rows]
+        if self.prefix is not None:
+            self.prefix.keep(rows)
         picked = rows.tolist()
         self.tags, self.made, self.watched = ([x[i] for i in picked] for x in (self.tags, self.made, self.watched))
 
@@ -84,47 +89,32 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     """
     stops = set(stop_ids.tolist())
     pool = pool or KVPool()
-    dtype = next(model.parameters()).dtype
     live, batches = None, iter(batches)
     batch = next(batches, None)
     while batch is not None or (live is not None and live.tags):
         if batch is not None:
-            with kv_heads_shared(batch.input_ids.device, dtype):
+            with _attention(model):
                 live, logits, first_rows = _admit(model, batch, max_new_tokens, pool,
                                                   live if live and live.tags else None)
             handover = len(live.tags) // CARRY_SHARE if carry else -1
             yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh)
             batch = next(batches, None)
         while live.tags and (batch is None or len(live.tags) > handover):
-            yield from _step(model, live, stops, max_new_tokens, choose, dtype)
+            yield from _step(model, live, stops, max_new_tokens, choose)
 
 
-@contextmanager
-def kv_heads_shared(device: torch.device, dtype: torch.dtype):
-    """On a CPU in fp32, transformers' SDPA with a mask copies a grouped-query model's key/value
-    heads for each query head of their group (``repeat_kv``) unless ``TRANSFORMERS_SDPA_FORCE_GQA=1``;
-    torch's CPU kernel then reads them shared (``enable_gqa``): the same numbers, without the copies
-    (docs/speed.md). Not in bf16, where it moved answers (30 of 302 zero-shot answers on SmolLM2),
-    nor on CUDA, where a masked GQA falls back to the math kernel."""
-    if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        yield
-        return
-    before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TRANSFORMERS_SDPA_FORCE_GQA"]
-        else:
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = before
+def _attention(model):
+    """Attention through ``model.prefix_attention`` where the model allows it."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return prefix_attention(lm) if supports_shared_prefix(lm) else nullcontext()
 
 
 def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live | None
            ) -> tuple[Live, torch.Tensor, int]:
     """Prefill ``batch`` into a fresh ``StaticCache`` with room for the ``carried`` rows, which are
     copied in after it, their filled columns ending where the batch's do (so every pending token
-    goes to one column).
+    goes to one column). Where the model allows (``model.prefix_attention``), the passages stay
+    one copy each beside the rows' cache; otherwise each row's cache starts with a copy of its passage.
     Returns (the rows: the batch's, sorted widest first, then the carried; the batch's last logits;
     the number of the batch's rows)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -133,34 +123,39 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     lengths = attention_mask.sum(-1)
     order = lengths.argsort(descending=True, stable=True)  # runs of similar width (model.prefix.prefill_runs)
     input_ids, attention_mask, lengths = input_ids[order], attention_mask[order], lengths[order]
-    past = 0 if batch.prefix is None else batch.prefix[0].size(1)
+    shared = supports_shared_prefix(lm)
+    if batch.prefix is None:
+        prefix_ids = input_ids.new_zeros(1, 0)
+        prefix_mask, row_prefix = attention_mask.new_zeros(1, 0), input_ids.new_zeros(rows)
+    else:
+        prefix_ids, prefix_mask, row_prefix = batch.prefix
+        group_order = prefix_mask.sum(-1).argsort(descending=True, stable=True)
+        prefix_ids, prefix_mask = prefix_ids[group_order], prefix_mask[group_order]
+        row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
+    # the rows' own cache columns, filled left to right: (without shared passages, the passages,)
+    # the questions, then (masked) the columns that carried rows filled beyond this batch's
+    # prompts, then the answers
+    past = 0 if shared or batch.prefix is None else prefix_ids.size(1)
     extra = 0 if carried is None else len(carried.tags)
     side = 1 if carried is not None and carried.side == 0 else 0  # not the side the carried rows are in
-    # one slot per column, filled left to right: the passages, the questions, then (masked) the
-    # columns that carried rows filled beyond this batch's prompts, then the answers
     col = past + width if carried is None else max(past + width, carried.col)
     cache = StaticCache(config=lm.config, max_cache_len=col + max_new_tokens)
     kw = {cache_kwarg(lm): cache, "use_cache": True}
     mask = attention_mask.new_zeros(rows + extra, col + max_new_tokens)
-    if batch.prefix is None:
-        past_mask = attention_mask.new_zeros(rows, 0)
-    else:
-        prefix_ids, prefix_mask, row_prefix = batch.prefix
-        prefix_lengths = prefix_mask.sum(-1)
-        group_order = prefix_lengths.argsort(descending=True, stable=True)
-        prefix_ids, prefix_mask = prefix_ids[group_order], prefix_mask[group_order]
-        prefix_lengths = prefix_lengths[group_order]
-        row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
+    prefix = None
+    if shared:
+        prefix = _passages(model, lm, prefix_ids, prefix_mask, row_prefix)
+        kw["shared_prefix"] = prefix
+    elif batch.prefix is not None:
         prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), mask.size(1))
         prefix_full[:, :past] = prefix_mask
         with record_function("prefill:passage"):
-            prefill_runs(model, cache, prefix_ids, prefix_lengths.tolist(), prefix_full,
+            prefill_runs(model, cache, prefix_ids, prefix_mask.sum(-1).tolist(), prefix_full,
                          prefix_positions(prefix_mask), 0, kw)
         with record_function("cache:spread"):  # (G, ...) -> (B + carried, ...): each row gets its group's prefix
             spread_static(cache, row_prefix, pool, rows + extra, side)
-        past_mask = prefix_mask[row_prefix]
-    position_ids = positions_after(past_mask, attention_mask)
-    mask[:rows, :past] = past_mask
+        mask[:rows, :past] = prefix_mask[row_prefix]
+    position_ids = positions_after(prefix_mask[row_prefix], attention_mask)
     mask[:rows, past:past + width] = attention_mask
     with record_function("prefill:question"):
         logits = prefill_runs(model, cache, input_ids, lengths.tolist(), mask[:rows], position_ids, past, kw,
@@ -169,11 +164,36 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
         layer.cumulative_length.fill_(col)
     live = Live(cache, kw, mask, position_ids[:, -1:] + 1, input_ids.new_zeros(rows),
                 [batch.tags[i] for i in order.tolist()], [[] for _ in range(rows)], col, [None] * rows, pool,
-                side if batch.prefix is not None else -1)
+                side if past else -1, prefix)
     if carried is not None:
         with record_function("cache:carry"):
             _take_in(live, carried, rows)
     return live, logits, rows
+
+
+def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_prefix: torch.Tensor
+              ) -> SharedPrefix:
+    """The passages' keys and values, one copy each (``model.prefix_attention``)."""
+    store = StaticCache(config=lm.config, max_cache_len=max(prefix_ids.size(1), 1))
+    if prefix_ids.size(1):
+        with record_function("prefill:passage"):
+            prefill_runs(model, store, prefix_ids, prefix_mask.sum(-1).tolist(), prefix_mask,
+                         prefix_positions(prefix_mask), 0, {cache_kwarg(lm): store, "use_cache": True})
+        keys, values = [layer.keys for layer in store.layers], [layer.values for layer in store.layers]
+    else:  # no passage: rows attend to their own columns only
+        keys, values = _no_passage(lm, prefix_ids.device)
+    prefix = SharedPrefix(keys, values, prefix_mask.bool(), row_prefix)
+    prefix.regroup(row_prefix)
+    return prefix
+
+
+def _no_passage(lm, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    config = lm.config.get_text_config()
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = next(lm.parameters()).dtype
+    empty = [torch.zeros(1, kv_heads, 0, dim, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+    return empty, list(empty)
 
 
 def _take_in(live: Live, carried: Live, start: int) -> None:
@@ -186,6 +206,8 @@ def _take_in(live: Live, carried: Live, start: int) -> None:
             new.zero_()
             new[:, :, span] = getattr(old, kind)[:, :, :carried.col]
     live.mask[start:start + n, span] = carried.mask[:, :carried.col]
+    if live.prefix is not None:
+        live.prefix = live.kw["shared_prefix"] = live.prefix.joined(carried.prefix)
     live.positions = torch.cat([live.positions, carried.positions])
     live.pending = torch.cat([live.pending, carried.pending])
     live.tags += carried.tags
@@ -225,10 +247,12 @@ def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_n
     yield from _ended(live, next_ids, stops, max_new_tokens, range(rows))
 
 
-def _step(model, live: Live, stops: set, max_new_tokens: int, choose, dtype: torch.dtype) -> Iterator:
+def _step(model, live: Live, stops: set, max_new_tokens: int, choose) -> Iterator:
     """Run every row's pending token; choose the next ones."""
     live.mask[:, live.col] = 1
-    with record_function("decode:step"), kv_heads_shared(live.pending.device, dtype):
+    if live.prefix is not None:
+        live.prefix.step(live.mask[:, :live.col + 1])
+    with record_function("decode:step"), _attention(model):
         logits = model(input_ids=live.pending[:, None], attention_mask=live.mask, position_ids=live.positions,
                        **live.kw).logits[:, -1]
     live.col += 1

@@ -150,8 +150,9 @@ def prefill_runs(model, cache, input_ids: torch.Tensor, lengths: list[int], mask
                 if full is not None:
                     layer.keys, layer.values = full[i][0][a:b], full[i][1][a:b]
                 layer.cumulative_length.fill_(start + width - w)
+            run_kw = kw if "shared_prefix" not in kw else {**kw, "shared_prefix": kw["shared_prefix"].rows(a, b)}
             out = model(input_ids=input_ids[a:b, width - w:], attention_mask=mask[a:b],
-                        position_ids=position_ids[a:b, width - w:], logits_to_keep=1, **kw)
+                        position_ids=position_ids[a:b, width - w:], logits_to_keep=1, **run_kw)
             logits.append(out.logits[:, -1])
             if full is None:  # the first run sized the cache by its rows: room for all of them
                 full = [(_regrown(layer.keys, rows, a, b), _regrown(layer.values, rows, a, b)) for layer in cache.layers]
