@@ -67,22 +67,33 @@ def test_bf16_is_scored_in_float32():
 def test_rows_that_leave_or_join_keep_their_own_passage():
     query, key, value, own_mask, prefix = _case(4, 4, 1)
     before, _ = shared_prefix_attention(Layer(), query, key, value, own_mask, shared_prefix=prefix)
-    rows = torch.tensor([1, 6])  # both on passage 0: the other two passages are dropped
-    prefix.keep(rows)
+    rows = torch.tensor([1, 6])  # both on passage 0
+    carried = SharedPrefix(prefix.keys, prefix.values, prefix.mask, prefix.row_group[rows]).reading()
+    assert carried.mask.size(0) == 1  # only the passage its rows read
+    prefix.keep(rows)  # the other two passages are half or more of three: dropped
     assert prefix.mask.size(0) == 1 and prefix.keys[0].size(0) == 1
     after, _ = shared_prefix_attention(Layer(), query[rows], key[rows], value[rows], own_mask[rows], shared_prefix=prefix)
     torch.testing.assert_close(after, before[rows], rtol=1e-5, atol=1e-6)
-    # carried into a batch with passages of another width: only the passage its rows read comes along
-    new_query, new_key, new_value, new_mask, new_prefix = _case(4, 4, 1, seed=1)
-    wide = SharedPrefix([torch.cat([new_prefix.keys[0]] * 2, 2)], [torch.cat([new_prefix.values[0]] * 2, 2)],
-                        torch.cat([new_prefix.mask] * 2, 1), new_prefix.row_group)
-    wide.regroup(wide.row_group)
-    joined = wide.joined(prefix)
-    assert joined.mask.size(0) == 3 + 1 and joined.row_group.tolist() == wide.row_group.tolist() + [3, 3]
+    # carried into a batch whose passages are wider (12 slots): the carried passage goes into the
+    # room after them, its slots past its own 6 masked
+    new_query, new_key, new_value, new_mask, new = _case(4, 4, 1, seed=1)
+
+    def with_room(t):  # (3, heads, 6, dim) -> (4, heads, 12, dim), this batch's passages in front
+        out = t.new_zeros(4, t.size(1), 12, t.size(3))
+        out[:3, :, 6:] = t
+        return out
+
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    mask[:3, 6:] = new.mask
+    wide = SharedPrefix([with_room(new.keys[0])], [with_room(new.values[0])], mask, new.row_group)
+    wide.take_in(carried)
+    assert wide.row_group.tolist() == new.row_group.tolist() + [3, 3] and wide.mask[3].sum() == 6
     both, _ = shared_prefix_attention(Layer(), torch.cat([new_query, query[rows]]), torch.cat([new_key, key[rows]]),
                                       torch.cat([new_value, value[rows]]), torch.cat([new_mask, own_mask[rows]]),
-                                      shared_prefix=joined)
+                                      shared_prefix=wide)
+    alone, _ = shared_prefix_attention(Layer(), new_query, new_key, new_value, new_mask, shared_prefix=new)
     torch.testing.assert_close(both[7:], before[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both[:7], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_a_passage_prefill_shares_key_value_heads_to_the_bit(tiny_llama_dir):

@@ -144,7 +144,7 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     mask = attention_mask.new_zeros(rows + extra, col + max_new_tokens)
     prefix = None
     if shared:
-        prefix = _passages(model, lm, prefix_ids, prefix_mask, row_prefix)
+        prefix = _passages(model, lm, prefix_ids, prefix_mask, row_prefix, carried and carried.prefix)
         kw["shared_prefix"] = prefix
     elif batch.prefix is not None:
         prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), mask.size(1))
@@ -171,19 +171,33 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     return live, logits, rows
 
 
-def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_prefix: torch.Tensor
-              ) -> SharedPrefix:
-    """The passages' keys and values, one copy each (``model.prefix_attention``)."""
-    store = StaticCache(config=lm.config, max_cache_len=max(prefix_ids.size(1), 1))
-    if prefix_ids.size(1):
+def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_prefix: torch.Tensor,
+              carried: SharedPrefix | None) -> SharedPrefix:
+    """The passages' keys and values, one copy each (``model.prefix_attention``), then those the
+    ``carried`` rows read, copied in after them (the rows: the batch's, then the carried)."""
+    carried = None if carried is None else carried.reading()
+    groups, width = prefix_ids.shape
+    room = groups + (0 if carried is None else carried.mask.size(0))
+    slots = max(width, 0 if carried is None else carried.mask.size(1))
+    mask = prefix_mask.new_zeros(room, slots)
+    mask[:groups, :width] = prefix_mask
+    if width:
+        store = StaticCache(config=lm.config, max_cache_len=slots)
         with record_function("prefill:passage"):
-            prefill_runs(model, store, prefix_ids, prefix_mask.sum(-1).tolist(), prefix_mask,
-                         prefix_positions(prefix_mask), 0, {cache_kwarg(lm): store, "use_cache": True})
+            prefill_runs(model, store, prefix_ids, prefix_mask.sum(-1).tolist(), mask[:groups],
+                         prefix_positions(prefix_mask), 0, {cache_kwarg(lm): store, "use_cache": True}, room=room)
         keys, values = [layer.keys for layer in store.layers], [layer.values for layer in store.layers]
-    else:  # no passage: rows attend to their own columns only
+    elif carried is not None:  # no passage in this batch: room for the carried rows' alone
+        keys = [k.new_zeros(room, *k.shape[1:]) for k in carried.keys]
+        values = [v.new_zeros(room, *v.shape[1:]) for v in carried.values]
+    else:  # no passage at all: rows attend to their own columns only
         keys, values = _no_passage(lm, prefix_ids.device)
-    prefix = SharedPrefix(keys, values, prefix_mask.bool(), row_prefix)
-    prefix.regroup(row_prefix)
+    prefix = SharedPrefix(keys, values, mask.bool(), row_prefix)
+    if carried is None:
+        prefix.regroup(row_prefix)
+    else:
+        with record_function("cache:carry"):
+            prefix.take_in(carried)
     return prefix
 
 
@@ -206,8 +220,6 @@ def _take_in(live: Live, carried: Live, start: int) -> None:
             new.zero_()
             new[:, :, span] = getattr(old, kind)[:, :, :carried.col]
     live.mask[start:start + n, span] = carried.mask[:, :carried.col]
-    if live.prefix is not None:
-        live.prefix = live.kw["shared_prefix"] = live.prefix.joined(carried.prefix)
     live.positions = torch.cat([live.positions, carried.positions])
     live.pending = torch.cat([live.pending, carried.pending])
     live.tags += carried.tags
