@@ -16,8 +16,10 @@ from loraqa.runtime import allocator
 
 
 # MKL's fp32 matmul may take another code path for differently aligned buffers (AVX-512 CPUs), and a
-# resumed process allocates differently: strict CNR mode pins the bits this test compares
-ENV = {**os.environ, "MKL_CBWR": "AUTO,STRICT"}
+# resumed process allocates differently: strict CNR mode pins the bits this test compares. One
+# thread: how kernels split their work among threads must not decide them either (with two threads
+# about one run in six to ten differed on this project's Xeon; with one, 24 runs in a row matched)
+ENV = {**os.environ, "MKL_CBWR": "AUTO,STRICT", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _command(model_dir, out):
