@@ -38,9 +38,9 @@ class SharedPrefix:
     """The passages' keys and values, (G, kv heads, P, head dim) per layer; ``mask`` (G, P) their
     real slots; ``row_group`` (R,) each row's passage. Set by :meth:`regroup`: ``slot`` and
     ``per_group``, each row's place when the rows are laid out ``per_group`` to a passage, and
-    ``bias`` (R, 1, P), 0 where a row attends to its passage's slot and -inf where not. Set by
-    :meth:`step` for a decoding step: ``filled``, the rows' own cache columns in use (a step reads
-    only those) and ``own_bias`` (R, 1, filled)."""
+    ``bias`` (R, 1, 1, P), 0 where a row attends to its passage's slot and the lowest float where
+    not. Set by :meth:`step` for a decoding step: ``filled``, the rows' own cache columns in use (a
+    step reads only those) and ``own_bias`` (R, 1, 1, filled)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
