@@ -202,6 +202,8 @@ def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, ro
 
 
 def _no_passage(lm, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's keys and values of no passage: (1, kv heads, 0, head dim), the shapes the
+    model's cache would have."""
     config = lm.config.get_text_config()
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
