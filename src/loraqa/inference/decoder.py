@@ -132,6 +132,7 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
         group_order = prefix_mask.sum(-1).argsort(descending=True, stable=True)
         prefix_ids, prefix_mask = prefix_ids[group_order], prefix_mask[group_order]
         row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
+    past_mask = prefix_mask[row_prefix]  # each row's passage slots
     # the rows' own cache columns, filled left to right: (without shared passages, the passages,)
     # the questions, then (masked) the columns that carried rows filled beyond this batch's
     # prompts, then the answers
@@ -154,8 +155,8 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
                          prefix_positions(prefix_mask), 0, kw)
         with record_function("cache:spread"):  # (G, ...) -> (B + carried, ...): each row gets its group's prefix
             spread_static(cache, row_prefix, pool, rows + extra, side)
-        mask[:rows, :past] = prefix_mask[row_prefix]
-    position_ids = positions_after(prefix_mask[row_prefix], attention_mask)
+        mask[:rows, :past] = past_mask
+    position_ids = positions_after(past_mask, attention_mask)
     mask[:rows, past:past + width] = attention_mask
     with record_function("prefill:question"):
         logits = prefill_runs(model, cache, input_ids, lengths.tolist(), mask[:rows], position_ids, past, kw,
