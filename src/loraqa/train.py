@@ -16,8 +16,9 @@ import torch
 
 from loraqa.config import Config
 from loraqa.data.examples import Example
-from loraqa.data.features import build_train_features
+from loraqa.data.features import build_eval_features, build_train_features
 from loraqa.inference.evaluation import evaluate
+from loraqa.inference.paths import check_support
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log, save_dir_atomic
 from loraqa.model.load import load_base, resolve_max_length
@@ -61,6 +62,10 @@ def run_train(config: Config, progress: bool = True) -> dict:
                       "run with both settings peaked at 2.04 GB there, 4.41 GB on glibc, at about the same speed "
                       "(docs/memory.md)")
     counts = parameter_counts(model, base_total)
+    if config.method != "span":  # the answering path, checked while the weights are float32 (see inference.paths)
+        check_support(model, build_eval_features(tokenizer, eval_examples[:64], config.template, max_length,
+                                                 config.max_new_tokens)[0], tokenizer.pad_token_id,
+                      config.max_new_tokens)
     precision, why = train_precision(model, config, features, tokenizer.pad_token_id, device, processes, out)
     processes.log(f"{config.method}: {counts['trainable_params']:,} trainable of {base_total:,} parameters "
                   f"({counts['trainable_percent']:.4f}%); {processes.world} process(es) on {device}, "

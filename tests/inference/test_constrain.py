@@ -53,7 +53,7 @@ def test_evaluate_flag_holds_answers_to_the_passage(tiny_model_dir, tmp_path):
 
 
 def test_serve_holds_answers_as_ask_does(tiny_model_dir, examples):
-    from test_server import request, start_server
+    from conftest import request, start_server
 
     from loraqa.config import load_config
     from loraqa.inference.answerer import ask, load_answerer

@@ -8,6 +8,7 @@ from loraqa.data.batching import collate_shared_prefix, split_groups
 from loraqa.data.features import build_eval_features
 from loraqa.inference.constrain import ContextConstraint
 from loraqa.inference.decoder import Batch, decode
+from loraqa.model.support import DecodingSupport
 
 
 
@@ -27,13 +28,14 @@ def _two_batches(tokenizer, examples):
     return [_batch(first, pad, list(range(n))), _batch(second, pad, list(range(n, 2 * n)))], n
 
 
-def _run(model, batches, stops, carry, choose):
+def _run(model, batches, stops, carry, choose, path=None):
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    support = None if path is None else DecodingSupport(path, "set by the test")
     try:
         with torch.inference_mode():
             out = {tag: tokens for tag, tokens, _ in decode(model, batches, 8, torch.tensor(stops), carry=carry,
-                                                            choose=choose)}
+                                                            choose=choose, support=support)}
     finally:
         hook.remove()
     return out, len(calls)
@@ -70,7 +72,6 @@ def test_passages_read_once_decode_as_copies_in_every_row(arch, tiny_model_dir, 
     the next batch; the rows' own cache then holds no passage."""
     from transformers import AttentionInterface
 
-    from loraqa.inference import decoder
     from loraqa.model.load import load_model
     from loraqa.model.prefix_attention import NAME
 
@@ -90,9 +91,8 @@ def test_passages_read_once_decode_as_copies_in_every_row(arch, tiny_model_dir, 
     longest_passage = max(b.prefix[0].size(1) for b in batches)
     # the rows' own columns: their question and answer, and a carried row's few more; no passage
     assert widths and max(widths) <= 2 * (max(b.input_ids.size(1) for b in batches) + 8) < longest_passage
-    monkeypatch.setattr(decoder, "supports_shared_prefix", lambda lm: False)
     widths.clear()
-    copied, _ = _run(model, batches, stops, True, None)
+    copied, _ = _run(model, batches, stops, True, None, path="copies")
     assert not widths  # the copies' path: transformers' own attention
     assert shared == copied and set(shared) == set(range(2 * n))
     assert len({len(t) for t in shared.values()}) > 1

@@ -12,7 +12,7 @@ import pytest
 from loraqa.data.examples import Example
 from loraqa.inference.answerer import ask, load_answerer
 from loraqa.inference.server import build_app
-from test_server import start_server
+from conftest import start_server
 
 PASSAGE = ("Super Bowl 50 was an American football game to determine the champion of the National Football "
            "League (NFL) for the 2015 season. The American Football Conference (AFC) champion Denver Broncos "

@@ -18,7 +18,7 @@ from loraqa.data.squad import load_squad_file
 from loraqa.inference.access import Access, host_names
 from loraqa.inference.answerer import Answerer, load_answerer
 from loraqa.inference.server import build_app
-from test_server import request, start_server
+from conftest import request, start_server
 
 QUESTION = {"context": "The mill was rebuilt in 1887 by the Müller family.", "question": "Who rebuilt the mill?"}
 

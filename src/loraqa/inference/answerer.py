@@ -12,6 +12,7 @@ from loraqa.config import Config
 from loraqa.data.examples import Example
 from loraqa.data.features import Feature, FeatureStats, build_eval_features
 from loraqa.inference.generate import predict, prefill_probe
+from loraqa.inference.paths import check_support
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
 from loraqa.model.load import load_base, resolve_max_length
@@ -32,6 +33,8 @@ def prepare_for_answering(model, tokenizer, settings: DecodeSettings, setting: s
     their prompts."""
     features, _ = build_eval_features(tokenizer, examples[:64], settings.template, settings.max_length,
                                       settings.max_new_tokens)
+    if settings.method != "span":  # in float32, before the precision (inference.paths)
+        check_support(model, features, tokenizer.pad_token_id, settings.max_new_tokens)
     # a few median prompts: the probe compares precisions, and six prefills of a whole batch take minutes on a CPU
     step = prefill_probe(model, features, min(settings.batch_size, PROBE_ROWS), tokenizer.pad_token_id,
                          device) if features else None

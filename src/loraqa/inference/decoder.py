@@ -18,8 +18,9 @@ batch's long answers ride along the next batch's steps instead of running alone 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,9 @@ from torch.profiler import record_function
 from transformers import StaticCache
 
 from loraqa.model.load import cache_kwarg
-from loraqa.model.prefix import KVPool, positions_after, prefill_runs, prefix_positions, spread_static
-from loraqa.model.prefix_attention import SharedPrefix, prefix_attention, supports_shared_prefix
+from loraqa.model.prefix import KVPool, positions_after, prefill_runs, prefix_positions, spread_static, static_cache
+from loraqa.model.prefix_attention import SharedPrefix, prefix_attention
+from loraqa.model.support import DecodingSupport, base_model, decoding_support, windows_lifted
 
 CARRY_SHARE = 4  # a batch hands its rows on to the next once at most 1/CARRY_SHARE of them are left
 
@@ -77,7 +79,8 @@ class Live:
 
 def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch.Tensor,
            pool: KVPool | None = None, *, carry: bool = True, choose=None, watch_id: int | None = None,
-           na_thresh: float | None = None) -> Iterator[tuple[object, list[int], float | None]]:
+           na_thresh: float | None = None, support: DecodingSupport | None = None
+           ) -> Iterator[tuple[object, list[int], float | None]]:
     """Yields (tag, tokens, watched) for every row as it ends: its tokens up to and including its
     first stop token (at most ``max_new_tokens``), and the probability its first token was
     ``watch_id`` (None without one): with the no-answer token, SQuAD v2.0's no-answer probability.
@@ -86,30 +89,39 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     With ``na_thresh`` (and ``watch_id``), the first token is ``watch_id`` exactly where its
     probability is above ``na_thresh``, and elsewhere the likeliest other token: the threshold, not
     the argmax, decides whether to answer. ``carry=False`` decodes each batch to its end alone.
+    ``support`` (``model.support``; by default the model's own) says whether passages are read once
+    (the ``shared`` path) or copied into each row (``copies``), and whether windows are lifted: every
+    prompt here must fit the model's smallest window, prompt and answer (``DecodingSupport.fits``).
     """
+    support = support or decoding_support(model)
+    if support.path not in ("shared", "copies"):
+        raise ValueError(f"decode runs the shared and copies paths, not {support.path!r}")
+    lm, shared = base_model(model), support.path == "shared"
+    attend = functools.partial(_attention, lm, shared, support.window is not None)
     stops = set(stop_ids.tolist())
     pool = pool or KVPool()
     live, batches = None, iter(batches)
     batch = next(batches, None)
     while batch is not None or (live is not None and live.tags):
         if batch is not None:
-            with _attention(model):
+            with attend():
                 live, logits, first_rows = _admit(model, batch, max_new_tokens, pool,
-                                                  live if live and live.tags else None)
+                                                  live if live and live.tags else None, shared)
             handover = len(live.tags) // CARRY_SHARE if carry else -1
             yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh)
             batch = next(batches, None)
         while live.tags and (batch is None or len(live.tags) > handover):
-            yield from _step(model, live, stops, max_new_tokens, choose)
+            yield from _step(model, live, stops, max_new_tokens, choose, attend)
 
 
-def _attention(model):
-    """Attention through ``model.prefix_attention`` where the model allows it."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return prefix_attention(lm) if supports_shared_prefix(lm) else nullcontext()
+@contextmanager
+def _attention(lm, shared: bool, lift: bool):
+    """Attention through ``model.prefix_attention`` (the shared path), and windows lifted (``model.support``)."""
+    with windows_lifted(lm, lift), (prefix_attention(lm) if shared else nullcontext()):
+        yield
 
 
-def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live | None
+def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live | None, shared: bool
            ) -> tuple[Live, torch.Tensor, int]:
     """Prefill ``batch`` into a fresh ``StaticCache`` with room for the ``carried`` rows, which are
     copied in after it, their filled columns ending where the batch's do (so every pending token
@@ -117,13 +129,12 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     one copy each beside the rows' cache; otherwise each row's cache starts with a copy of its passage.
     Returns (the rows: the batch's, sorted widest first, then the carried; the batch's last logits;
     the number of the batch's rows)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base_model(model)
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
     rows, width = input_ids.shape
     lengths = attention_mask.sum(-1)
     order = lengths.argsort(descending=True, stable=True)  # runs of similar width (model.prefix.prefill_runs)
     input_ids, attention_mask, lengths = input_ids[order], attention_mask[order], lengths[order]
-    shared = supports_shared_prefix(lm)
     if batch.prefix is None:
         prefix_ids = input_ids.new_zeros(1, 0)
         prefix_mask, row_prefix = attention_mask.new_zeros(1, 0), input_ids.new_zeros(rows)
@@ -140,7 +151,7 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     extra = 0 if carried is None else len(carried.tags)
     side = 1 if carried is not None and carried.side == 0 else 0  # not the side the carried rows are in
     col = past + width if carried is None else max(past + width, carried.col)
-    cache = StaticCache(config=lm.config, max_cache_len=col + max_new_tokens)
+    cache = static_cache(lm, col + max_new_tokens)
     kw = {cache_kwarg(lm): cache, "use_cache": True}
     mask = attention_mask.new_zeros(rows + extra, col + max_new_tokens)
     prefix = None
@@ -183,7 +194,7 @@ def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, ro
     mask = prefix_mask.new_zeros(room, slots)
     mask[:groups, :width] = prefix_mask
     if width:
-        store = StaticCache(config=lm.config, max_cache_len=slots)
+        store = static_cache(lm, slots)
         with record_function("prefill:passage"):
             prefill_runs(model, store, prefix_ids, prefix_mask.sum(-1).tolist(), mask[:groups],
                          prefix_positions(prefix_mask), 0, {cache_kwarg(lm): store, "use_cache": True}, room=room)
@@ -243,7 +254,7 @@ def _ended(live: Live, next_ids: torch.Tensor, stops: set, max_new_tokens: int, 
     live.pending[rows.start:rows.stop] = next_ids
     if len(going) < len(live.tags):
         with record_function("cache:compact"):
-            live.keep(torch.tensor(sorted(going), dtype=torch.long))
+            live.keep(torch.tensor(sorted(going), dtype=torch.long, device=live.pending.device))
 
 
 def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_new_tokens: int, choose,
@@ -262,12 +273,12 @@ def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_n
     yield from _ended(live, next_ids, stops, max_new_tokens, range(rows))
 
 
-def _step(model, live: Live, stops: set, max_new_tokens: int, choose) -> Iterator:
-    """Run every row's pending token; choose the next ones."""
+def _step(model, live: Live, stops: set, max_new_tokens: int, choose, attend) -> Iterator:
+    """Run every row's pending token (inside ``attend()``: the path's attention); choose the next ones."""
     live.mask[:, live.col] = 1
     if live.prefix is not None:
         live.prefix.step(live.mask[:, :live.col + 1])
-    with record_function("decode:step"), _attention(model):
+    with record_function("decode:step"), attend():
         logits = model(input_ids=live.pending[:, None], attention_mask=live.mask, position_ids=live.positions,
                        **live.kw).logits[:, -1]
     live.col += 1
@@ -290,6 +301,6 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     longest = max(len(out[r][0]) for r in range(rows))
     generated = input_ids.new_full((rows, longest), pad_id)
     for r in range(rows):
-        generated[r, :len(out[r][0])] = torch.tensor(out[r][0])
-    watched = None if out[0][1] is None else torch.tensor([out[r][1] for r in range(rows)])
+        generated[r, :len(out[r][0])] = torch.tensor(out[r][0], device=generated.device)
+    watched = None if out[0][1] is None else torch.tensor([out[r][1] for r in range(rows)], device=generated.device)
     return generated, watched

@@ -32,6 +32,7 @@ def evaluate(model, tokenizer, examples: list[Example], settings: DecodeSettings
     processes = processes or Processes.single()
     start = time.perf_counter()
     probs: dict[str, float] = {}
+    route = {"path": settings.method, "generate": 0}
     show = progress and processes.is_main
     if settings.method == "span":
         share = examples[processes.rank::processes.world]
@@ -39,14 +40,14 @@ def evaluate(model, tokenizer, examples: list[Example], settings: DecodeSettings
                                    doc_stride=settings.doc_stride, batch_size=settings.batch_size, device=device,
                                    precision=precision, allow_no_answer=not all(ex.answerable for ex in examples),
                                    max_answer_tokens=settings.max_new_tokens, na_probs=probs, progress=show)
-        counts = processes.sum(torch.tensor([stats.windowed, stats.dropped], dtype=torch.float64))
+        counts = processes.sum(torch.tensor([stats.windowed, stats.dropped], dtype=torch.float64, device="cpu"))
         stats.windowed, stats.dropped = int(counts[0]), int(counts[1])
         asked = len(examples)  # questions answered, for the rate below
     else:
         features, stats = build_eval_features(tokenizer, examples, settings.template, settings.max_length,
                                               settings.max_new_tokens)
         mine = predict(model, tokenizer, features[processes.rank::processes.world], settings, device, precision,
-                       contexts={ex.id: ex.context for ex in examples}, na_probs=probs, progress=show)
+                       contexts={ex.id: ex.context for ex in examples}, na_probs=probs, progress=show, route=route)
         asked = len(features)  # a question too long to ask has no feature
     generated = dict(processes.gather([(qid, (answer, probs[qid])) for qid, answer in mine.items()]))
     seconds = time.perf_counter() - start
@@ -59,6 +60,10 @@ def evaluate(model, tokenizer, examples: list[Example], settings: DecodeSettings
         "eval_windowed": stats.windowed,
         "eval_dropped": stats.dropped,
         "empty_predictions": sum(1 for p in predictions.values() if not p),
+        # how the questions were answered (inference.paths): the path, and how many went to transformers' generate
+        "answering_path": route["path"],
+        "eval_generate_questions": int(processes.sum(torch.tensor([route["generate"]], dtype=torch.float64,
+                                                                  device="cpu"))[0]),
         "constrain_to_context": settings.constrain_to_context,
         "na_prob_thresh": settings.na_prob_thresh,
         "analysis": analyse(examples, predictions),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 from tqdm.auto import tqdm
@@ -13,7 +14,10 @@ from loraqa.data.features import Feature, median_batch, no_answer_token
 from loraqa.data.prompt import cut_answer
 from loraqa.inference.constrain import ContextConstraint
 from loraqa.inference.decoder import Batch, decode
+from loraqa.inference.paths import check_support
+from loraqa.inference.reference import generate_each
 from loraqa.inference.settings import DecodeSettings
+from loraqa.io import log
 from loraqa.model.precision import autocast
 from loraqa.model.prefix import KVPool
 
@@ -53,7 +57,8 @@ def answer_text(tokenizer, tokens: list[int]) -> str:
 
 def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings, device: torch.device,
             precision: str = "fp32", *, contexts: dict[str, str] | None = None,
-            na_probs: dict[str, float] | None = None, progress: bool = True) -> dict[str, str]:
+            na_probs: dict[str, float] | None = None, progress: bool = True,
+            route: dict | None = None) -> dict[str, str]:
     """{question id: answer} for every feature; questions on the same passage share its prefill.
 
     A batch holds at most ``settings.batch_size`` questions and ``settings.batch_tokens`` cached
@@ -65,6 +70,10 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
     ``constrain_to_context``, every answer is a span of its passage, ``contexts[question id]``.
     With ``na_prob_thresh``, a question gets "no answer" exactly when that probability is above
     it, and otherwise an answer (see ``inference.decoder.decode``).
+
+    The path is the model's (``inference.paths``); questions it cannot take (longer than a sliding
+    window, or a model only ``generate`` answers exactly) are answered by transformers' ``generate``
+    one at a time, said in one log line. ``route``, when given, gets the path and both counts.
     """
     if settings.constrain_to_context and contexts is None:
         raise ValueError("constrain_to_context needs each question's passage (contexts)")
@@ -78,18 +87,30 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
     where = {f.id: i for i, f in enumerate(features)}
     choose = (ContextConstraint(tokenizer, [contexts[f.id] for f in features]) if settings.constrain_to_context
               else None)
+    support = check_support(model, features, tokenizer.pad_token_id, max_new_tokens)
+    takes = [support.path != "generate" and support.fits(f.n_prompt + max_new_tokens) for f in features]
+    fast = [f for f, t in zip(features, takes) if t]
+    slow = [f for f, t in zip(features, takes) if not t]
+    if slow:
+        why = support.why if support.path == "generate" else f"longer than the model's {support.window}-token window"
+        log(f"{len(slow)} of {len(features)} questions answered by transformers' generate, one at a time ({why})")
+    if route is not None:
+        route.update({"path": support.path, "fast": len(fast), "generate": len(slow)})
 
     def batches():
-        for groups in shared_prefix_batches(features, settings.batch_size, settings.batch_tokens, max_new_tokens):
+        for groups in shared_prefix_batches(fast, settings.batch_size, settings.batch_tokens, max_new_tokens):
             t = {k: v.to(device) for k, v in collate_shared_prefix(groups, tokenizer.pad_token_id).items()}
             yield Batch(t["input_ids"], t["attention_mask"], [where[f.id] for g in groups for f in g],
                         (t["prefix_ids"], t["prefix_mask"], t["row_prefix"]))
 
     predictions: dict[str, str] = {}
     bar = tqdm(total=len(features), desc="generate", unit="q", disable=not progress)
+    options = {"choose": choose, "watch_id": watch_id, "na_thresh": na_thresh}
     with torch.inference_mode(), autocast(device, precision):
-        for i, tokens, watched in decode(model, batches(), max_new_tokens, stop_ids, KVPool(), choose=choose,
-                                         watch_id=watch_id, na_thresh=na_thresh):
+        answered = itertools.chain(
+            decode(model, batches(), max_new_tokens, stop_ids, KVPool(), support=support, **options) if fast else (),
+            generate_each(model, ((where[f.id], f.input_ids) for f in slow), max_new_tokens, stop_ids, **options))
+        for i, tokens, watched in answered:
             answer = answer_text(tokenizer, tokens)
             abstain = na_thresh is not None and watched > na_thresh
             predictions[features[i].id] = "" if abstain or (no_answer and answer == no_answer) else answer

@@ -41,7 +41,7 @@ def load_tokenizer(name: str):
 
     location, kwargs = model_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        tokenizer = _as_saved(AutoTokenizer.from_pretrained(location, **kwargs), location)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {name}: {_first_line(e)}") from None
     if tokenizer.eos_token_id is None:
@@ -51,6 +51,39 @@ def load_tokenizer(name: str):
     if not tokenizer.is_fast:
         raise ValueError(f"tokenizer {name} is not a fast tokenizer; loraqa needs character offsets")
     return tokenizer
+
+
+# the parts of a tokenizer.json that decide the ids a text gets
+PIPELINE = ("normalizer", "pre_tokenizer", "model")
+
+
+def _as_saved(tokenizer, location: str):
+    """The tokenizer a folder holds, as saved. transformers 5 builds some families' tokenizers from
+    the model type in config.json, not from the folder's tokenizer.json (a Qwen2 folder gets
+    ``Qwen2Tokenizer``, whose own pre-tokenizer replaces the saved one): where the two would give
+    other ids, the saved file is loaded as it is, said in one line."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    saved_file = Path(location) / "tokenizer.json"
+    if not saved_file.is_file() or not getattr(tokenizer, "is_fast", False):
+        return tokenizer
+    saved, built = json.loads(saved_file.read_text(encoding="utf-8")), json.loads(tokenizer.backend_tokenizer.to_str())
+    if all(saved.get(k) == built.get(k) for k in PIPELINE):
+        return tokenizer
+    from loraqa.io import log
+
+    log(f"tokenizer: {saved_file} used as saved ({type(tokenizer).__name__}, which transformers picks for "
+        f"model type {_model_type(location)}, would tokenize another way)")
+    return PreTrainedTokenizerFast.from_pretrained(location)
+
+
+def _model_type(location: str) -> str:
+    import json
+
+    config = Path(location) / "config.json"
+    return json.loads(config.read_text()).get("model_type", "?") if config.is_file() else "?"
 
 
 def _unmark_quantized(model) -> None:
@@ -161,4 +194,28 @@ def load_base(config: Config):
     model = load_model(config.model, config.init, config.seed, config.model_dropout, span_head=config.method == "span")
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
+    if config.method != "span":  # a span head reads the whole window at once: no causality to check
+        check_causal(model, config.model)
     return model, tokenizer, count_parameters(model)[1]
+
+
+def check_causal(model, name: str) -> None:
+    """Refuse, in one line, a model that is not a causal LM: the logits at a position must not move
+    when a later token changes (an encoder loaded as a decoder, a bidirectional model)."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"--model {name}: an encoder-decoder ({config.model_type}); loraqa fine-tunes causal LMs")
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    ids = torch.arange(3, 11, device=device)[None] % vocab
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % vocab
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        a, b = (model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :-1].float() for x in (ids, changed))
+    model.train(was)
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()) + 1e-6):
+        raise ValueError(f"--model {name}: not a causal LM ({config.model_type} attends to later tokens); "
+                         "loraqa fine-tunes causal LMs")
+

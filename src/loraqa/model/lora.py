@@ -26,14 +26,24 @@ ADAPTER_SETTINGS = "loraqa.json"  # beside the adapter: how prompts were built f
 PROMPT_SETTINGS = ("template", "max_length", "no_answer_text", "method", "doc_stride")
 
 
+# attention projections by their usual names, for families PEFT has no defaults for: the query and
+# value projections (PEFT's own choice for Llama and most others), or the fused one
+ATTENTION_TARGETS = (["q_proj", "v_proj"], ["qkv_proj"], ["query_key_value"], ["Wqkv"], ["c_attn"])
+
+
 def default_target_modules(model) -> list[str]:
-    """PEFT's default LoRA targets for this architecture (``c_attn`` for GPT-2)."""
+    """PEFT's default LoRA targets for this architecture (``c_attn`` for GPT-2); for a family PEFT
+    does not list (Phi-3, OLMo-2, Granite, SmolLM3, ...), its attention projections by their usual names."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
     model_type = model.config.model_type
-    if model_type not in DEFAULTS:
-        raise ValueError(f"no default LoRA targets for model type '{model_type}'; pass --target-modules")
-    return list(DEFAULTS[model_type])
+    if model_type in DEFAULTS:
+        return list(DEFAULTS[model_type])
+    names = _leaf_names(model)
+    for targets in ATTENTION_TARGETS:
+        if all(t in names for t in targets):
+            return list(targets)
+    raise ValueError(f"no default LoRA targets for model type '{model_type}'; pass --target-modules")
 
 
 def _matches(name: str, targets: list[str]) -> bool:

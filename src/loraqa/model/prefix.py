@@ -14,7 +14,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from loraqa.model.load import cache_kwarg
 
@@ -65,6 +66,9 @@ def continue_from_prefix(lm, batch: dict[str, torch.Tensor]) -> dict:
     back through the prefix's keys and values."""
     decoder = lm.get_decoder()
     name, prefix_cache = cache_kwarg(decoder), SharedPrefixCache(config=lm.config)
+    # plain layers: a sliding layer counts its tokens in update(), which this cache replaces; by slot,
+    # a passage and its question are as far apart as by position, so windows mask what they should
+    prefix_cache.layers = [DynamicLayer() for _ in prefix_cache.layers]
     prefix_mask, row_prefix = batch["prefix_mask"], batch["row_prefix"]
     decoder(input_ids=batch["prefix_ids"], attention_mask=prefix_mask, position_ids=prefix_positions(prefix_mask),
             use_cache=True, **{name: prefix_cache})
@@ -91,6 +95,15 @@ class KVPool:
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
             buf = self.buffers[(layer, kind, side)] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
+
+
+def static_cache(lm, max_cache_len: int) -> StaticCache:
+    """A ``StaticCache`` for ``lm`` whose every layer is a plain ``StaticLayer``. Decoding writes slots
+    by column and sets their lengths itself, which a sliding layer's rolling buffer and its own
+    count of tokens do not allow (windows are handled by ``model.support``)."""
+    cache = StaticCache(config=lm.config, max_cache_len=max_cache_len)
+    cache.layers = [StaticLayer(max_cache_len=max_cache_len) for _ in cache.layers]
+    return cache
 
 
 def spread_static(cache, row_prefix: torch.Tensor, pool: KVPool, rows: int | None = None, side: int = 0) -> None:

@@ -17,7 +17,10 @@ function registered with transformers (:data:`NAME`) reads them:
 A grouped-query model's key/value heads are used as they are: in the products the query heads of
 a group fold into the rows; in SDPA, on a CPU in float32, torch reads them shared. The function
 runs where ``kwargs`` reach the attention (transformers' models with
-``_supports_attention_backend``) in SDPA mode (:func:`supports_shared_prefix`).
+``_supports_attention_backend``) in SDPA mode (``model.support``). It mirrors what transformers'
+SDPA function does with what the model hands it; where a model hands it more (a position bias,
+attention sinks, soft-capping, value heads of another width), it raises :class:`NotMirrored` on
+the first call and the model is answered by the copies' path (``inference.paths``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "loraqa_shared_prefix"
+UNMIRRORED = ("position_bias", "s_aux", "sinks", "softcap")  # what SDPA's function would use and this one does not
+
+
+class NotMirrored(ValueError):
+    """The model's attention asks for something the shared-passage attention does not compute."""
 
 
 @dataclass
@@ -125,6 +133,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     Without ``shared_prefix`` (the passages' own prefill), SDPA."""
     if shared_prefix is None:
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    asked = [k for k in UNMIRRORED if kwargs.get(k) is not None]
+    if asked or value.size(-1) != query.size(-1) or not getattr(module, "is_causal", True):
+        raise NotMirrored(f"{type(module).__name__} hands attention {', '.join(asked) or 'other value widths or bidirectional heads'}")
     pk, pv = shared_prefix.keys[module.layer_idx], shared_prefix.values[module.layer_idx]
     rows, heads, tokens, dim = query.shape
     groups, kv_heads, width = pk.size(0), pk.size(1), pk.size(2)
@@ -186,11 +197,6 @@ def _mask(*args, allow_is_causal_skip: bool = True, **kwargs):
 
 AttentionInterface.register(NAME, shared_prefix_attention)
 AttentionMaskInterface.register(NAME, _mask)
-
-
-def supports_shared_prefix(lm) -> bool:
-    """Whether ``lm``'s attention takes a registered function that sees the forward's ``kwargs``."""
-    return bool(getattr(lm, "_supports_attention_backend", False)) and lm.config._attn_implementation in ("sdpa", NAME)
 
 
 @contextmanager

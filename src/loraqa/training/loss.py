@@ -6,6 +6,7 @@ and processes add up to the whole batch's; callers divide by the global count.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -19,15 +20,12 @@ from loraqa.model.prefix import continue_from_prefix
 from loraqa.model.span import SpanFeature, collate_span, span_loss_sum, span_windows
 from loraqa.training.processes import Processes
 
-# Models whose logits are post-processed after the LM head; they take the plain (full-head) path.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
-
-
 def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over label positions (``model(**batch).loss`` x their count).
 
-    Only positions whose next token is a label go through the LM head: the prompt's logits
-    (most of each sequence, and a vocab-sized matmul per token) are never needed. A batch from
+    Only positions whose next token is a label in some row go through the LM head (the model's own
+    ``logits_to_keep``, so whatever the model does to its logits, soft-capping or scaling, is done):
+    the prompt's logits (most of each sequence, and a vocab-sized matmul per token) are never needed. A batch from
     :func:`loraqa.data.batching.collate_context_train` runs its shared prefixes first and each row's
     remainder on top of their keys and values (gradients flow back through both). A span batch
     (``--method span``) gives its start/end loss summed over windows instead.
@@ -40,11 +38,13 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "prefix_ids" in batch:
         inputs = continue_from_prefix(lm, batch)
-    if any(getattr(lm.config, k, None) for k in _LOGIT_POSTPROCESSING):
-        return model(**inputs, labels=batch["labels"]).loss * keep.sum()
-    hidden = lm.get_decoder()(**inputs, use_cache="prefix_ids" in batch).last_hidden_state  # (B, T, H)
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), N = answer tokens
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    if "logits_to_keep" in inspect.signature(type(lm).forward).parameters:
+        positions = keep.any(0).nonzero().squeeze(-1)  # (K,): where some row's next token is a label
+        logits = lm(**inputs, use_cache="prefix_ids" in batch, logits_to_keep=positions).logits  # (B, K, V)
+        keep, labels = keep[:, positions], labels[:, positions]
+    else:
+        logits = lm(**inputs, use_cache="prefix_ids" in batch).logits[:, :-1]  # (B, T - 1, V)
+    return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")  # (N, V), N = answer tokens
 
 
 class AnswerLoss(torch.nn.Module):
@@ -77,7 +77,7 @@ def evaluate_loss(model, features: list[Feature], batch_size: int, pad_id: int, 
     processes = processes or Processes.single()
     model.eval()
     order = sorted(features, key=lambda f: len(f.input_ids))[processes.rank::processes.world]
-    total = torch.zeros(2, dtype=torch.float64)  # (loss sum, answer tokens)
+    total = torch.zeros(2, dtype=torch.float64, device="cpu")  # host counters: (loss sum, answer tokens)
     for b in range(0, len(order), batch_size):
         for part in micro_batches(order[b:b + batch_size], collate_for(order), pad_id, max_batch_tokens):
             batch = {k: v.to(device) for k, v in part.items()}

@@ -63,13 +63,13 @@ class Processes:
         """The largest ``value`` over processes."""
         if self.world == 1:
             return value
-        slots = torch.zeros(self.world, dtype=torch.float64)
+        slots = torch.zeros(self.world, dtype=torch.float64, device="cpu")  # host counters, as sum() takes them
         slots[self.rank] = value
         return int(self.sum(slots).max())
 
     def choose(self, value: str, choices: list[str]) -> str:
         """The main process's ``value`` (one of ``choices``), on every process."""
-        picked = torch.zeros(len(choices), dtype=torch.float64)
+        picked = torch.zeros(len(choices), dtype=torch.float64, device="cpu")
         if self.is_main:
             picked[choices.index(value)] = 1
         return choices[int(self.sum(picked).argmax())]

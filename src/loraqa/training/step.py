@@ -73,8 +73,9 @@ def forward_backward(loss_module, parts: list[dict], scaler, processes: Processe
                      precision: str, stop_requested: bool) -> StepResult:
     """Forward and backward over a step's micro-batches: their gradients add up to the whole
     global batch's. One collective first: global answer tokens, real tokens, and any Ctrl-C."""
+    # host counters (Processes.sum moves them to the collective's device and back)
     counts = processes.sum(torch.tensor([sum(answer_tokens(p) for p in parts), sum(_computed_tokens(p) for p in parts),
-                                         int(stop_requested)], dtype=torch.float64))
+                                         int(stop_requested)], dtype=torch.float64, device="cpu"))
     n_global = int(counts[0])
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for part in parts:
@@ -114,7 +115,7 @@ def _share(features: list[Feature], indices: list[int], processes: Processes, co
 
 def _computed_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (not padding) tokens the model runs: shared prefixes count once."""
-    return int(batch["attention_mask"].sum()) + int(batch.get("prefix_mask", torch.zeros(0)).sum())
+    return int(batch["attention_mask"].sum()) + (int(batch["prefix_mask"].sum()) if "prefix_mask" in batch else 0)
 
 
 def _no_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,117 @@
+"""Tensors are made where the tensors they meet live: no GPU here, so every tensor factory called
+by loraqa's compute stages (decoding, training, what the server runs) must name the model's device.
+A factory with no device makes a CPU tensor, which on a GPU meets CUDA tensors and fails (or copies)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from loraqa.config import DEFAULT_TEMPLATE, Config
+from loraqa.data.batching import collate_shared_prefix, split_groups
+from loraqa.data.features import build_eval_features, build_train_features
+from loraqa.inference.decoder import Batch, decode
+from loraqa.inference.generate import predict
+from loraqa.inference.settings import DecodeSettings
+from loraqa.model.lora import add_lora
+from loraqa.model.support import DecodingSupport
+from loraqa.training.loop import train
+
+PACKAGE = Path(__import__("loraqa").__file__).parent
+WATCHED = tuple(str(PACKAGE / stage) for stage in ("model", "inference", "training"))  # data/ collates on the host
+FACTORIES = {torch.tensor, torch.as_tensor, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
+             torch.rand, torch.randn, torch.randint, torch.linspace, torch.eye}
+TORCH = str(Path(torch.__file__).parent)
+
+
+class FactoryDevices(TorchFunctionMode):
+    """Records each factory call from loraqa's compute stages that names no device or another one than ``device``."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.wrong = device, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES:
+            frame = sys._getframe(1)
+            while frame and frame.f_code.co_filename.startswith(TORCH):
+                frame = frame.f_back
+            where = frame.f_code.co_filename if frame else ""
+            named = kwargs.get("device")
+            if where.startswith(WATCHED) and (named is None or torch.device(named) != self.device):
+                self.wrong.append(f"{Path(where).relative_to(PACKAGE)}:{frame.f_lineno} {func.__name__}(device={named})")
+        return func(*args, **kwargs)
+
+
+def _leaving_and_carried(model, tokenizer, examples):
+    """Two batches whose rows end at different steps (stop tokens picked from a first run), so
+    rows leave the cache and the last ones are carried into the next batch."""
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 8)
+    t = collate_shared_prefix(split_groups(features), tokenizer.pad_token_id)
+    n = len(features)
+
+    def batches(offset):
+        return Batch(t["input_ids"], t["attention_mask"], list(range(offset, offset + n)),
+                     (t["prefix_ids"], t["prefix_mask"], t["row_prefix"]))
+
+    with torch.inference_mode():
+        full = {tag: tok for tag, tok, _ in decode(model, [batches(0)], 8, torch.tensor([-1]))}
+    stops = torch.tensor(sorted({full[r][1] for r in range(n)} - set(full[0])))  # row 0 runs on, others stop
+    return [batches(0), batches(n)], stops
+
+
+@pytest.mark.parametrize("path", ["shared", "copies"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoding_makes_its_tensors_on_the_models_device(arch, path, tiny_model_dir, tiny_llama_dir, tokenizer,
+                                                         examples):
+    from loraqa.model.load import load_model
+
+    model = load_model(str(tiny_llama_dir if arch == "llama" else tiny_model_dir)).eval()
+    batches, stops = _leaving_and_carried(model, tokenizer, examples)
+    watch = FactoryDevices(torch.device("cpu"))
+    with watch, torch.inference_mode():
+        ended = {tag: tok for tag, tok, _ in decode(model, batches, 8, stops, support=DecodingSupport(path, "test"))}
+    assert len({len(t) for t in ended.values()}) > 1  # rows did leave at different steps
+    assert not watch.wrong, watch.wrong
+
+
+def test_answering_and_its_check_make_their_tensors_on_the_models_device(tiny_model, tokenizer, examples):
+    """``predict``: the path's check against ``generate``, batches carried, and the reference path."""
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
+    watch = FactoryDevices(torch.device("cpu"))
+    with watch:
+        predict(tiny_model, tokenizer, features, DecodeSettings(512, batch_size=2, max_new_tokens=6),
+                torch.device("cpu"), progress=False)
+        tiny_model._loraqa_decoding = DecodingSupport("generate", "test", checked=True)
+        predict(tiny_model, tokenizer, features[:2], DecodeSettings(512, max_new_tokens=6), torch.device("cpu"),
+                progress=False)
+    assert not watch.wrong, watch.wrong
+
+
+@pytest.mark.parametrize("group_by_passage", [False, True])
+def test_training_makes_its_tensors_on_the_models_device(tiny_model, tokenizer, examples, group_by_passage):
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
+    model = add_lora(tiny_model)
+    config = Config(epochs=1, batch_size=4, lr=1e-2, warmup_ratio=0.0, group_by_passage=group_by_passage,
+                    max_grad_norm=1.0)
+    watch = FactoryDevices(torch.device("cpu"))
+    with watch:
+        train(model, features, features[:3], config, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+              precision="fp32", progress=False)
+    assert not watch.wrong, watch.wrong
+
+
+def test_the_watch_catches_a_factory_with_no_device():
+    """The check itself: a loraqa-stage call naming no device is caught, a torch-internal one is not."""
+    from loraqa.model import prefix
+
+    watch = FactoryDevices(torch.device("cpu"))
+    with watch:
+        exec(compile("torch.tensor([1])", prefix.__file__, "exec"), {"torch": torch})  # as if from model/prefix.py
+        torch.nn.functional.pad(torch.ones(1, device="cpu"), (1, 1))
+    assert len(watch.wrong) == 1 and "prefix.py" in watch.wrong[0]
