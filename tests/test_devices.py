@@ -25,7 +25,17 @@ PACKAGE = Path(__import__("loraqa").__file__).parent
 WATCHED = tuple(str(PACKAGE / stage) for stage in ("model", "inference", "training"))  # data/ collates on the host
 FACTORIES = {torch.tensor, torch.as_tensor, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
              torch.rand, torch.randn, torch.randint, torch.linspace, torch.eye}
-TORCH = str(Path(torch.__file__).parent)
+# torch's own dispatch between a call and this mode (a factory torch itself calls, AdamW's step
+# counters say, is torch's business, not loraqa's)
+DISPATCH = tuple(str(Path(torch.__file__).parent / f) for f in ("overrides.py", "utils/_device.py"))
+
+
+def _same(named, device: torch.device) -> bool:
+    """Whether a factory's ``device=`` names ``device`` ("cuda" and "cuda:0" alike for the current GPU)."""
+    if named is None:
+        return False
+    named = torch.device(named)
+    return named.type == device.type and (named.index is None or device.index is None or named.index == device.index)
 
 
 class FactoryDevices(TorchFunctionMode):
@@ -39,11 +49,11 @@ class FactoryDevices(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in FACTORIES:
             frame = sys._getframe(1)
-            while frame and frame.f_code.co_filename.startswith(TORCH):
+            while frame and frame.f_code.co_filename.startswith(DISPATCH):
                 frame = frame.f_back
             where = frame.f_code.co_filename if frame else ""
             named = kwargs.get("device")
-            if where.startswith(WATCHED) and (named is None or torch.device(named) != self.device):
+            if where.startswith(WATCHED) and not _same(named, self.device):
                 self.wrong.append(f"{Path(where).relative_to(PACKAGE)}:{frame.f_lineno} {func.__name__}(device={named})")
         return func(*args, **kwargs)
 
@@ -107,11 +117,16 @@ def test_training_makes_its_tensors_on_the_models_device(tiny_model, tokenizer, 
 
 
 def test_the_watch_catches_a_factory_with_no_device():
-    """The check itself: a loraqa-stage call naming no device is caught, a torch-internal one is not."""
+    """The check itself: a loraqa-stage call naming no device, or another one, is caught; one naming
+    the device ("cpu:0" as "cpu"), and torch's own (an optimizer's step counters), are not."""
     from loraqa.model import prefix
 
     watch = FactoryDevices(torch.device("cpu"))
     with watch:
-        exec(compile("torch.tensor([1])", prefix.__file__, "exec"), {"torch": torch})  # as if from model/prefix.py
-        torch.nn.functional.pad(torch.ones(1, device="cpu"), (1, 1))
-    assert len(watch.wrong) == 1 and "prefix.py" in watch.wrong[0]
+        # as if from model/prefix.py
+        exec(compile("torch.tensor([1]); torch.zeros(1, device='meta'); torch.ones(1, device='cpu:0')",
+                     prefix.__file__, "exec"), {"torch": torch})
+        weight = torch.nn.Parameter(torch.ones(2, device="cpu"))
+        weight.grad = torch.ones(2, device="cpu")
+        torch.optim.AdamW([weight]).step()
+    assert [w.split()[1] for w in watch.wrong] == ["tensor(device=None)", "zeros(device=meta)"]

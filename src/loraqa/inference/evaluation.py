@@ -40,7 +40,7 @@ def evaluate(model, tokenizer, examples: list[Example], settings: DecodeSettings
                                    doc_stride=settings.doc_stride, batch_size=settings.batch_size, device=device,
                                    precision=precision, allow_no_answer=not all(ex.answerable for ex in examples),
                                    max_answer_tokens=settings.max_new_tokens, na_probs=probs, progress=show)
-        counts = processes.sum(torch.tensor([stats.windowed, stats.dropped], dtype=torch.float64, device="cpu"))
+        counts = processes.sum(torch.tensor([stats.windowed, stats.dropped], dtype=torch.float64, device=device))
         stats.windowed, stats.dropped = int(counts[0]), int(counts[1])
         asked = len(examples)  # questions answered, for the rate below
     else:
@@ -63,7 +63,7 @@ def evaluate(model, tokenizer, examples: list[Example], settings: DecodeSettings
         # how the questions were answered (inference.paths): the path, and how many went to transformers' generate
         "answering_path": route["path"],
         "eval_generate_questions": int(processes.sum(torch.tensor([route["generate"]], dtype=torch.float64,
-                                                                  device="cpu"))[0]),
+                                                                  device=device))[0]),
         "constrain_to_context": settings.constrain_to_context,
         "na_prob_thresh": settings.na_prob_thresh,
         "analysis": analyse(examples, predictions),

@@ -77,12 +77,12 @@ def evaluate_loss(model, features: list[Feature], batch_size: int, pad_id: int, 
     processes = processes or Processes.single()
     model.eval()
     order = sorted(features, key=lambda f: len(f.input_ids))[processes.rank::processes.world]
-    total = torch.zeros(2, dtype=torch.float64, device="cpu")  # host counters: (loss sum, answer tokens)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, answer tokens)
     for b in range(0, len(order), batch_size):
         for part in micro_batches(order[b:b + batch_size], collate_for(order), pad_id, max_batch_tokens):
             batch = {k: v.to(device) for k, v in part.items()}
             with autocast(device, precision):
-                total[0] += answer_loss_sum(model, batch).item()
+                total[0] += answer_loss_sum(model, batch).detach()  # on the device: no sync a batch
             total[1] += answer_tokens(batch)
     total = processes.sum(total)
     return float(total[0] / max(total[1], 1))

@@ -52,24 +52,24 @@ class Processes:
         return self.accelerator.prepare_model(module)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over processes (a CPU tensor in, a CPU tensor out)."""
+        """Element-wise sum over processes, on ``tensor``'s device (the collective runs on this process's)."""
         if self.world == 1:
             return tensor
         from accelerate.utils import reduce
 
-        return reduce(tensor.to(self.device), reduction="sum").cpu()
+        return reduce(tensor.to(self.device), reduction="sum").to(tensor.device)
 
     def max(self, value: int) -> int:
         """The largest ``value`` over processes."""
         if self.world == 1:
             return value
-        slots = torch.zeros(self.world, dtype=torch.float64, device="cpu")  # host counters, as sum() takes them
+        slots = torch.zeros(self.world, dtype=torch.float64, device=self.device)
         slots[self.rank] = value
         return int(self.sum(slots).max())
 
     def choose(self, value: str, choices: list[str]) -> str:
         """The main process's ``value`` (one of ``choices``), on every process."""
-        picked = torch.zeros(len(choices), dtype=torch.float64, device="cpu")
+        picked = torch.zeros(len(choices), dtype=torch.float64, device=self.device)
         if self.is_main:
             picked[choices.index(value)] = 1
         return choices[int(self.sum(picked).argmax())]

@@ -73,9 +73,8 @@ def forward_backward(loss_module, parts: list[dict], scaler, processes: Processe
                      precision: str, stop_requested: bool) -> StepResult:
     """Forward and backward over a step's micro-batches: their gradients add up to the whole
     global batch's. One collective first: global answer tokens, real tokens, and any Ctrl-C."""
-    # host counters (Processes.sum moves them to the collective's device and back)
     counts = processes.sum(torch.tensor([sum(answer_tokens(p) for p in parts), sum(_computed_tokens(p) for p in parts),
-                                         int(stop_requested)], dtype=torch.float64, device="cpu"))
+                                         int(stop_requested)], dtype=torch.float64, device=device))
     n_global = int(counts[0])
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for part in parts:
