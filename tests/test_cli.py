@@ -22,7 +22,7 @@ def run(tiny_model_dir, tmp_path_factory):
 
 def test_train_writes_every_file_of_the_run_folder(run):
     assert sorted(p.name for p in run.iterdir()) == [
-        "adapter", "config.yaml", "history.jsonl", "metrics.json", "predictions.json", "steps.jsonl"]
+        "adapter", "config.yaml", "history.jsonl", "metrics.json", "predictions.json", "steps.jsonl", "weights.json"]
     assert {"adapter_config.json", "adapter_model.safetensors", "loraqa.json"} <= {p.name for p in (run / "adapter").iterdir()}
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["epochs"] == 2 and config["max_length"] == 128

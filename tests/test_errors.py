@@ -25,6 +25,12 @@ def files(tmp_path, tiny_model_dir):
     (tmp_path / "stranger" / "notes.txt").write_text("mine")
     (tmp_path / "not-an-adapter").mkdir()
     (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
+    row = {"context": "Denver won.", "question": "Who won?"}
+    for name, lines in {"dup.jsonl": [{**row, "id": "a"}, {**row, "id": "a"}],
+                        "dup-number.jsonl": [row, row, {**row, "id": 1}],
+                        "not-object.jsonl": [row, [1, 2]]}.items():
+        (tmp_path / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "huge-int.jsonl").write_text('{"context": "c", "question": "q", "id": ' + "7" * 5000 + "}\n")
     return {"tmp": tmp_path, "model": tiny_model_dir, "squad": SQUAD}
 
 
@@ -53,6 +59,17 @@ CASES = [
     ("output dir not a run", _train()[:-2] + ["{tmp}/stranger", "--quiet"], "is not empty and holds no loraqa run"),
     ("bad setting", ["train", "--model", "{model}", "--r", "0"], "--r must be >= 1"),
     ("unknown config key", ["train", "--config", "{tmp}/bad.yaml"], "unknown keys in config file"),
+    ("duplicate ids", ["ask", "--model", "{model}", "--input", "{tmp}/dup.jsonl"],
+     "dup.jsonl: line 2: id 'a' is also line 1's id; ids must be unique"),
+    ("id equal to a line's number", ["ask", "--model", "{model}", "--input", "{tmp}/dup-number.jsonl"],
+     "dup-number.jsonl: line 3: id '1' is also line 1's number (a line without an id is called by it)"),
+    ("line not an object", ["ask", "--model", "{model}", "--input", "{tmp}/not-object.jsonl"],
+     "not-object.jsonl: line 2: not a JSON object but list"),
+    ("integer too long", ["ask", "--model", "{model}", "--input", "{tmp}/huge-int.jsonl"],
+     "huge-int.jsonl: line 1: not valid JSON (Exceeds the limit"),
+    ("question too long", ["ask", "--model", "{model}", "--max-length", "40", "--max-new-tokens", "4",
+                           "--context", "Denver won.", "--question", "Who " * 40 + "won?"],
+     "the question does not fit the model's window with an answer, even with no passage"),
 ]
 
 
@@ -88,3 +105,17 @@ def test_adapter_for_another_base_model(files, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "was made for another base model" in err and "size mismatch" in err
+
+
+def test_questions_that_do_not_fit_are_reported_as_such_not_as_no_answer(files, tmp_path, capsys):
+    rows = [{"id": "short", "context": "Denver won.", "question": "Who won?"},
+            {"id": "long", "context": "Denver won.", "question": "Who " * 40 + "won?"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["ask", "--model", str(files["model"]), "--max-length", "40", "--max-new-tokens", "4",
+                 "--input", str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "a.jsonl")]) == 0
+    out = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert out[1] == {"id": "long", "question": rows[1]["question"], "answer": None, "no_answer": False,
+                      "error": "not answered: the question does not fit the model's window, even with no passage"}
+    assert isinstance(out[0]["answer"], str) and "error" not in out[0]
+    assert "1 question(s) not answered: too long to fit in 40 tokens with the answer, even with no passage: long" in \
+        capsys.readouterr().err

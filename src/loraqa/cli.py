@@ -25,15 +25,15 @@ from loraqa.model.fetch import SMOLLM2
 from loraqa.runtime import keep_freed_memory, run_under_jemalloc
 
 TRAIN_FLAGS = list(fields())
-EVAL_FLAGS = ["model", "init", "tokenizer", "eval_file", "dataset", "columns", "allow_unanswerable",
+EVAL_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "eval_file", "dataset", "columns", "allow_unanswerable",
               "no_answer_text", "method", "doc_stride", "max_eval_examples", "template", "max_length",
               "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "constrain_to_context", "na_prob_thresh",
               "precision", "seed", "output_dir"]
-ASK_FLAGS = ["model", "init", "tokenizer", "template", "max_length", "no_answer_text", "method", "doc_stride",
+ASK_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "template", "max_length", "no_answer_text", "method", "doc_stride",
              "allow_unanswerable", "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "constrain_to_context",
              "na_prob_thresh", "precision", "seed"]
-MERGE_FLAGS = ["model", "init", "tokenizer", "method", "seed"]
-EXPORT_FLAGS = ["model", "init", "tokenizer", "method", "template", "max_new_tokens", "seed"]
+MERGE_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "method", "seed"]
+EXPORT_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "method", "template", "max_new_tokens", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
 
 
@@ -236,16 +236,26 @@ def cmd_ask(args: argparse.Namespace) -> None:
         examples = [Example("1", "", context, args.question, ())]
     answers = ask(config, args.adapter, examples)
     if not args.input:
+        if answers["1"] is None:
+            raise ValueError("the question does not fit the model's window with an answer, even with no passage; "
+                             "shorten it, or raise --max-length")
         print(answers["1"])  # an empty line when the model says the passage does not answer it
         if not answers["1"]:
             print("[loraqa] no answer: the model says the passage does not answer the question", file=sys.stderr)
         return
-    lines = "".join(json.dumps({"id": ex.id, "question": ex.question, "answer": answers[ex.id],
-                                "no_answer": not answers[ex.id]}, ensure_ascii=False) + "\n" for ex in examples)
+    lines = "".join(json.dumps(_answer_row(ex, answers[ex.id]), ensure_ascii=False) + "\n" for ex in examples)
     if args.output:
         write_text_atomic(args.output, lines)
     else:
         sys.stdout.write(lines)
+
+
+def _answer_row(example, answer: str | None) -> dict:
+    """One line of ``ask --input``'s output: the answer, or why there is none."""
+    row = {"id": example.id, "question": example.question, "answer": answer, "no_answer": answer == ""}
+    if answer is None:
+        row["error"] = "not answered: the question does not fit the model's window, even with no passage"
+    return row
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -267,6 +277,18 @@ COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_ev
 TRAINS = {"quickstart", "train", "compare"}
 
 
+def interrupted(e: KeyboardInterrupt) -> str:
+    """What a Ctrl-C left behind, in one line."""
+    from loraqa.training.loop import Stopped
+
+    if isinstance(e, Stopped) and e.checkpoint is not None:
+        return (f"stopped after step {e.step}; checkpoint {e.checkpoint} saved: run the same command again to "
+                "resume from it")
+    if isinstance(e, Stopped):
+        return f"stopped after step {e.step}; this run keeps no checkpoints"
+    return "interrupted; nothing was saved by this stop (a run resumes from its last checkpoint, if it has one)"
+
+
 def main(argv: list[str] | None = None) -> int:
     # PEFT calls a transformers property that transformers deprecated; the warning is not the user's
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -279,9 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad settings or data: one line, no traceback
         print(f"loraqa {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        resume = "; a checkpoint was saved: run the same command again to resume" if args.command == "train" else ""
-        print(f"loraqa {args.command}: interrupted{resume}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"loraqa {args.command}: {interrupted(e)}", file=sys.stderr)
         return 130
     return 0
 

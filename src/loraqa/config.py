@@ -32,6 +32,8 @@ class Config:
                    choices=["pretrained", "random"])
     tokenizer: str | None = _f(None, "tokenizer location when it differs from --model")
     model_dropout: float | None = _f(None, "set the base model's own dropout rates (default: the model's config)")
+    allow_other_weights: bool = _f(False, "use --adapter on base weights other than those it was trained on "
+                                          "(its loraqa.json records them; loraqa refuses them otherwise)")
     # --- data --------------------------------------------------------------------------------
     train_file: str | None = _f(None, "training questions: SQuAD v1.1 .json(.gz), .jsonl, .csv, .parquet or a "
                                       "save_to_disk folder (default: the hub dataset's train split)")

@@ -7,6 +7,9 @@ from loraqa.config import Config
 from loraqa.inference.answerer import load_answerer
 from loraqa.inference.evaluation import evaluate
 from loraqa.runs import claim_output_dir, load_questions, write_results
+from loraqa.io import write_json_atomic
+from loraqa.model.weights import RECORD as WEIGHTS_RECORD
+from loraqa.model.weights import weights_record
 from loraqa.runtime import peak_memory_mb
 
 
@@ -23,4 +26,5 @@ def run_evaluate(config: Config, adapter: str | None = None, progress: bool = Tr
                     "precision_reason": answerer.precision_reason, "max_length": answerer.settings.max_length,
                     "peak_memory_mb": peak_memory_mb(answerer.device)})
     write_results(out, predictions, metrics, na_probs)
+    write_json_atomic(out / WEIGHTS_RECORD, weights_record(config))  # the weights these answers came from
     return metrics

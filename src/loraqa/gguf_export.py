@@ -28,7 +28,7 @@ def run_export(config: Config, output: str, adapter: str | None = None, outtype:
     model, tokenizer, _ = load_base(config)
     architecture(model.config)  # refused here, before any work, when llama.cpp has no such architecture
     if adapter_only:
-        write_adapter(load_adapter(model, adapter), output_path, progress)
+        write_adapter(load_adapter(model, adapter, config), output_path, progress)
         base = base_gguf or (config.model if config.model.endswith(".gguf") else None)
         if base is None:
             base = str(output_path.with_name("base.gguf"))
@@ -36,7 +36,7 @@ def run_export(config: Config, output: str, adapter: str | None = None, outtype:
         model_path, adapter_path = Path(base), output_path
     else:
         if adapter:
-            model = merge_lora(load_adapter(model, adapter))  # fp32 weights, each LoRA delta added
+            model = merge_lora(load_adapter(model, adapter, config))  # fp32 weights, each LoRA delta added
         write_model(model, tokenizer, output_path, outtype, name=output_path.stem, progress=progress)
         model_path, adapter_path = output_path, None
     modelfile_path = output_path.with_suffix(".Modelfile")

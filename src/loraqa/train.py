@@ -20,11 +20,13 @@ from loraqa.data.features import build_eval_features, build_train_features
 from loraqa.inference.evaluation import evaluate
 from loraqa.inference.paths import check_support
 from loraqa.inference.settings import DecodeSettings
-from loraqa.io import log, save_dir_atomic
+from loraqa.io import log, save_dir_atomic, write_json_atomic
 from loraqa.model.load import load_base, resolve_max_length
 from loraqa.model.lora import ADAPTER_SETTINGS, merge_for_answering, parameter_counts, prepare_model
 from loraqa.model.precision import apply_precision
 from loraqa.model.recompute import enable_gradient_checkpointing
+from loraqa.model.weights import RECORD as WEIGHTS_RECORD
+from loraqa.model.weights import weights_record
 from loraqa.model.span import build_span_features
 from loraqa.runs import CHECKPOINTS, claim_output_dir, last_step, load_questions, write_curves, write_results
 from loraqa.runtime import allocator, peak_memory_mb
@@ -46,6 +48,9 @@ def run_train(config: Config, progress: bool = True) -> dict:
     processes.barrier()
     device = processes.device
     model, tokenizer, base_total = load_base(config)
+    weights = weights_record(config)  # the weights this run uses: in its folder and beside its adapter
+    if processes.is_main:
+        write_json_atomic(out / WEIGHTS_RECORD, weights)
     max_length = resolve_max_length(config, model, tokenizer)
     train_examples, eval_examples = load_questions(config, "train"), load_questions(config, "validation")
     features, stats, eval_loss_features = build_features(config, tokenizer, train_examples,
@@ -78,7 +83,7 @@ def run_train(config: Config, progress: bool = True) -> dict:
     train_peak = peak_memory_mb(device)  # before the final evaluation, whose batches --eval-batch-tokens bounds
     if processes.is_main:
         write_curves(out, history, steps)  # again: a resumed, already finished run calls no on_epoch_end
-        save_trained(model, tokenizer, config, max_length, out)
+        save_trained(model, tokenizer, config, max_length, out, weights)
 
     model = merge_for_answering(model, precision)  # as `loraqa evaluate` answers: its predictions are these
     predictions, na_probs, metrics = evaluate(model, tokenizer, eval_examples,
@@ -146,11 +151,12 @@ def record_epoch(out: Path, tracking: Tracking, history: list[dict], steps: list
                  step=last_step(steps))
 
 
-def save_trained(model, tokenizer, config: Config, max_length: int, out: Path) -> None:
-    """adapter/ (LoRA, with the prompt settings beside it) or model/ + tokenizer (full)."""
+def save_trained(model, tokenizer, config: Config, max_length: int, out: Path, weights: dict) -> None:
+    """adapter/ (LoRA, with the prompt settings and the base weights it was trained on beside it)
+    or model/ + tokenizer (full)."""
     settings = {"template": config.template, "max_length": max_length, "no_answer_text": config.no_answer_text,
                 "method": config.method, "doc_stride": config.doc_stride,
-                "model": config.model, "init": config.init, "seed": config.seed}
+                "model": config.model, "init": config.init, "seed": config.seed, "base_weights": weights}
 
     def write(folder: Path) -> None:
         if config.method == "full":

@@ -24,10 +24,14 @@ def _tiny(arch: str, folder):
 
 
 def _adapter(model_dir, folder, **lora):
-    from loraqa.model.lora import add_lora
+    """A LoRA on every linear layer with non-zero B; ``lora``: LoraConfig's settings (r, alpha, rsLoRA, patterns)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(1)
-    model = add_lora(load_model(str(model_dir)), lora_dropout=0.0, target_modules=["all-linear"], **lora)
+    base = load_model(str(model_dir))
+    conv = any(isinstance(m, Conv1D) for m in base.modules())
+    model = get_peft_model(base, LoraConfig(lora_dropout=0.0, target_modules="all-linear", fan_in_fan_out=conv, **lora))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)
@@ -90,12 +94,17 @@ def test_merged_export_answers_as_base_plus_adapter(arch, tmp_path):
     assert 'TEMPLATE """Context: {{ .System }}\nQuestion: {{ .Prompt }}\nAnswer:"""' in text
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_adapter_only_plus_the_base_file_is_the_merged_file(arch, tmp_path):
-    """llama.cpp adds scale * B @ A (scale = alpha / r) to each named weight: done here by hand with the
-    adapter file's tensors on the base file's weights, it gives the merged file's weights."""
+@pytest.mark.parametrize("arch, lora", [
+    ("gpt2", {}),
+    ("llama", {"use_rslora": True}),  # alpha / sqrt(r)
+    ("llama", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 24.0}}),  # per-layer rank and alpha
+], ids=["gpt2", "llama-rslora", "llama-patterns"])
+def test_adapter_only_plus_the_base_file_is_the_merged_file(arch, lora, tmp_path):
+    """llama.cpp adds scale * B @ A (scale = alpha / the tensor's own rank) to each named weight: done
+    here by hand with the adapter file's tensors on the base file's weights, it gives the merged file's
+    weights, whatever scale PEFT gave each layer (folded into B where it is not alpha / r)."""
     _tiny(arch, tmp_path / "m")
-    adapter = _adapter(tmp_path / "m", tmp_path / "adapter", r=4, lora_alpha=8.0, use_rslora=arch == "llama")
+    adapter = _adapter(tmp_path / "m", tmp_path / "adapter", r=4, lora_alpha=8.0, **lora)
     m = str(tmp_path / "m")
     for argv in (["--output", str(tmp_path / "base.gguf")],
                  ["--adapter", str(adapter), "--output", str(tmp_path / "merged.gguf")],
@@ -107,15 +116,17 @@ def test_adapter_only_plus_the_base_file_is_the_merged_file(arch, tmp_path):
                       for t in r.tensors} for name, r in read.items()}
     fields = read["lora"].fields
     assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
-    alpha, r = fields["adapter.lora.alpha"].contents(), 4
-    assert alpha == pytest.approx(8.0 * (2.0 if arch == "llama" else 1.0))  # rsLoRA: alpha/sqrt(r) as alpha'/r
+    alpha = fields["adapter.lora.alpha"].contents()
+    assert alpha == pytest.approx(8.0)  # the adapter's own: each layer's other scale is in its B
     adapted = {n[:-len(".lora_a")] for n in weights["lora"] if n.endswith(".lora_a")}
+    ranks = {weights["lora"][n + ".lora_a"].shape[0] for n in adapted}
+    assert ranks == ({2, 4} if "rank_pattern" in lora else {4})
     assert len(adapted) == 2 * (4 if arch == "gpt2" else 7)
     for name, merged in weights["merged"].items():
         expect = weights["base"][name]
         if name in adapted:
             a, b = weights["lora"][name + ".lora_a"], weights["lora"][name + ".lora_b"]
-            expect = expect + alpha / r * (b @ a)
+            expect = expect + alpha / a.shape[0] * (b @ a)  # llama.cpp: the rank of this tensor
         np.testing.assert_allclose(merged, expect, atol=1e-5, err_msg=name)
     modelfile = (tmp_path / "lora.Modelfile").read_text()
     assert modelfile.startswith("FROM ./base.gguf\nADAPTER ./lora.gguf\n")
@@ -153,3 +164,32 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tiny_model_dir, tmp_path
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
 
 
+
+
+def test_a_head_width_of_its_own_is_written_and_reads_back(tmp_path):
+    """A Llama whose head_dim is not hidden / heads (Qwen3, Gemma do this): llama.cpp needs
+    attention.key_length / value_length, or it takes hidden / heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=32, num_hidden_layers=2, intermediate_size=128,
+                                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    path = write_model(model, tok, tmp_path / "wide.gguf", "f32", progress=False)
+    fields = gguf.GGUFReader(path).fields
+    assert fields["llama.attention.key_length"].contents() == 32 == fields["llama.attention.value_length"].contents()
+    torch.testing.assert_close(_logits(load_model(str(path)).eval(), tok), _logits(model, tok), atol=1e-5, rtol=0)
+    _, plain_tok = _tiny("llama", tmp_path / "plain")
+    plain = write_model(load_model(str(tmp_path / "plain")), plain_tok, tmp_path / "plain.gguf", "f32", progress=False)
+    assert "llama.attention.key_length" not in gguf.GGUFReader(plain).fields  # hidden / heads: llama.cpp's own default
+
+
+def test_a_template_with_other_braces_exports_and_fills_as_prompts_do(tiny_model_dir, tmp_path, capsys):
+    template = 'Context: {context}\nJSON like {"k": 1} stays\nQuestion: {question}\nAnswer:'
+    assert main(["export", "--model", str(tiny_model_dir), "--outtype", "f32", "--template", template,
+                 "--output", str(tmp_path / "m.gguf"), "--quiet"]) == 0
+    modelfile = (tmp_path / "m.Modelfile").read_text()
+    assert 'TEMPLATE """Context: {{ .System }}\nJSON like {"k": 1} stays\nQuestion: {{ .Prompt }}\nAnswer:"""' in modelfile
+    out = capsys.readouterr().out
+    assert 'JSON like {\\"k\\": 1} stays' in out and "The mill was rebuilt in 1887." in out  # the example, filled

@@ -59,6 +59,7 @@ def test_many_questions_in_one_request_come_back_in_order(server, config, exampl
 
 @pytest.mark.parametrize("body, status, reason", [
     (b"{not json", 400, "not valid JSON"),
+    (b'{"context": "c", "question": "q", "id": ' + b"7" * 5000 + b"}", 400, "not valid JSON"),  # too long to convert
     (b"[1, 2]", 422, "JSON object"),
     ({"context": "Denver won."}, 422, "'question'"),
     ({"context": "Denver won.", "question": 3}, 422, "'question' must be a non-empty string"),

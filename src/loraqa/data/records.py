@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from loraqa.data.examples import DataError, Example, read_text
-from loraqa.io import hub_reachable
+from loraqa.io import hub_refusal, hub_status
 
 FIELDS = ("id", "title", "context", "question", "answers", "answer")
 Rows = Iterable[tuple[str, Any]]  # (where the row is, e.g. "line 7"; the row)
@@ -265,9 +265,12 @@ def read_hub(name: str, split: str, columns: dict[str, str] | None = None, *,
 
     source = f"{name}[{split}]"
     # offline by choice: datasets answers at once (from its cache, or no); else ask the hub once, quickly
-    if not constants.HF_HUB_OFFLINE and not hub_reachable(name, "datasets"):
+    answer = None if constants.HF_HUB_OFFLINE else hub_status(name, "datasets")
+    if answer is not None and answer.state == "unreachable":
         raise DataError(f"{source}: the Hugging Face hub is out of reach; give --train-file/--eval-file "
                         "(`loraqa quickstart` trains on the SQuAD sample that ships with loraqa)")
+    if answer is not None and not answer.usable:
+        raise DataError(hub_refusal(name, answer, "dataset"))
     try:
         dataset = datasets.load_dataset(name, split=split)
     except (OSError, ConnectionError, ValueError) as e:  # not found, offline, no such split

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loraqa.data.prompt import format_prompt
+
 
 def ollama_template(template: str) -> str:
     """The run's prompt template in Ollama's Go template syntax."""
@@ -37,7 +39,8 @@ def modelfile(source: str, template: str, eos_text: str, max_new_tokens: int, ad
 def commands(model_path: Path, modelfile_path: Path, template: str, max_new_tokens: int,
              adapter_path: Path | None = None) -> list[str]:
     """The llama.cpp and Ollama commands that answer one question with the exported file."""
-    example = template.format(context="The mill was rebuilt in 1887.", question="When was the mill rebuilt?")
+    # filled as prompts are (data.prompt): a template may hold other braces, which str.format would refuse
+    example = format_prompt(template, "The mill was rebuilt in 1887.", "When was the mill rebuilt?")
     lora = f" --lora {adapter_path}" if adapter_path else ""
     name = model_path.stem.lower().replace("_", "-")
     return [f"llama-cli -m {model_path}{lora} -no-cnv --temp 0 -n {max_new_tokens} -p {json.dumps(example)}",

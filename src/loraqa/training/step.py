@@ -72,10 +72,13 @@ class StepResult:
 def forward_backward(loss_module, parts: list[dict], scaler, processes: Processes, device: torch.device,
                      precision: str, stop_requested: bool) -> StepResult:
     """Forward and backward over a step's micro-batches: their gradients add up to the whole
-    global batch's. One collective first: global answer tokens, real tokens, and any Ctrl-C."""
+    global batch's. One collective first: global answer tokens, real tokens, and any Ctrl-C; on a
+    Ctrl-C anywhere, nothing is computed (``stop`` set, no loss)."""
     counts = processes.sum(torch.tensor([sum(answer_tokens(p) for p in parts), sum(_computed_tokens(p) for p in parts),
                                          int(stop_requested)], dtype=torch.float64, device=device))
     n_global = int(counts[0])
+    if counts[2] > 0:
+        return StepResult(float("nan"), 0, 0, True, 0)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for part in parts:
         with autocast(device, precision):
