@@ -10,6 +10,10 @@ a time; throughput, p50/p95 latency, errors, and whether the answers are `loraqa
 and count; prints requests, errors, p50/p95 latency, and the server's RSS after the warm-up and at
 the end.
 
+--adapters 1,4,16 (with --adapter, a trained one): several adapters on one server, mixed in batches,
+against one merged adapter and one adapter at a time (benchmarks/serve_adapters.py); with --soak,
+clients spread over the adapters while another is loaded and unloaded every --reload seconds.
+
 The server is the real command (`python -m loraqa.cli serve ...`) in a subprocess on 127.0.0.1; the
 requests are the file's first passages with all their questions (several questions a passage, as
 users ask), one `POST /answer` each. Then `ask` runs in this process with the same settings and
@@ -28,6 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -128,9 +133,9 @@ def soak(url: str, bodies: list[dict], pid: int, args) -> dict:
     return report
 
 
-def wait_healthy(base: str, server: subprocess.Popen, deadline: float) -> dict:
+def wait_healthy(base: str, server: subprocess.Popen | None, deadline: float) -> dict:
     while time.monotonic() < deadline:
-        if server.poll() is not None:
+        if server is not None and server.poll() is not None:
             raise SystemExit(f"the server exited with code {server.returncode}")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
@@ -138,6 +143,33 @@ def wait_healthy(base: str, server: subprocess.Popen, deadline: float) -> dict:
         except OSError:
             time.sleep(0.5)
     raise SystemExit("the server did not answer /health in time")
+
+
+@contextmanager
+def start_server(args, adapter_flags: list[str], deadline: float):
+    """The real ``loraqa serve`` on a free loopback port, with ``adapter_flags``; yields its URL
+    (``args.server_pid`` its process), stopped after."""
+    with socket.socket() as s:  # a free loopback port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "loraqa.cli", "serve", "--model", args.model, "--init", args.init,
+               "--max-new-tokens", str(args.max_new_tokens), "--precision", args.precision, *adapter_flags,
+               "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+               "--max-wait-ms", str(args.max_wait_ms)]
+    print("server:", " ".join(command[1:]), file=sys.stderr)
+    with open(Path("/tmp") / f"loraqa-serve-{port}.log", "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    args.server_pid = server.pid
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, server, deadline)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def main() -> None:
@@ -157,6 +189,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="soak: clients asking at once")
     parser.add_argument("--warmup", type=float, default=20.0, help="soak: seconds before latencies and RSS count")
     parser.add_argument("--max-requests", type=int, default=1_000_000, help="soak: a bound on requests sent")
+    parser.add_argument("--adapters", help="K[,K...]: several adapters on one server (needs --adapter)")
+    parser.add_argument("--reload", type=float, default=60.0, help="soak with --adapters: seconds between a load "
+                                                                   "and an unload of another adapter")
     args = parser.parse_args()
     if not 1 <= args.requests <= 1024:
         raise SystemExit("--requests must be in 1..1024")
@@ -169,38 +204,26 @@ def main() -> None:
 
     examples = load_file(args.eval_file, "validation")[:args.requests]  # file order: a passage's questions together
     bodies = [{"context": ex.context, "question": ex.question} for ex in examples]
-    settings = ["--model", args.model, "--init", args.init, "--max-new-tokens", str(args.max_new_tokens),
-                "--precision", args.precision] + (["--adapter", args.adapter] if args.adapter else [])
-    with socket.socket() as s:  # a free loopback port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    log = Path("/tmp") / f"loraqa-serve-{port}.log"
-    command = [sys.executable, "-m", "loraqa.cli", "serve", *settings, "--host", "127.0.0.1", "--port", str(port),
-               "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-    print("server:", " ".join(command[1:]), file=sys.stderr)
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(base, server, deadline)
+    if args.adapters:
+        if not args.adapter:
+            raise SystemExit("--adapters needs --adapter (a trained adapter; the others are variants of it)")
+        import serve_adapters
+
+        (serve_adapters.run_soak if args.soak else serve_adapters.run)(args, bodies, deadline)
+        return
+    with start_server(args, ["--adapter", args.adapter] if args.adapter else [], deadline) as base:
         if args.soak:
-            report = soak(f"{base}/answer", bodies, server.pid, args)
+            report = soak(f"{base}/answer", bodies, args.server_pid, args)
             print(json.dumps(report), flush=True)  # before anything else can fail
-            print(f"server after the soak: {wait_healthy(base, server, deadline)}")
+            print(f"server after the soak: {wait_healthy(base, None, deadline)}")
             return
         post(f"{base}/answer", bodies[0], args.timeout)  # warm-up: first-call costs are no request's
         seq, seq_wall = one_at_a_time(f"{base}/answer", bodies, args.timeout)
         if time.monotonic() > deadline:
             raise SystemExit("past --deadline after the one-at-a-time pass")
-        health_before = wait_healthy(base, server, deadline)
+        health_before = wait_healthy(base, None, deadline)
         par, par_wall = concurrent(f"{base}/answer", bodies, args.timeout)
-        health = wait_healthy(base, server, deadline)
-    finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        health = wait_healthy(base, None, deadline)
     config = load_config(None, {"model": args.model, "init": args.init, "max_new_tokens": args.max_new_tokens,
                                 "precision": args.precision})
     expected = ask(config, args.adapter, examples)

@@ -113,16 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="the question (with --context or --context-file)")
     p.add_argument("--input", help="JSONL of {context, question, id?}; answers go to --output as JSONL")
     p.add_argument("--output", help="JSONL answers file for --input (default: standard output)")
-    p = sub.add_parser("serve", help="answer questions over HTTP (POST /answer, GET /health, a page at /)")
+    p = sub.add_parser("serve", help="answer questions over HTTP: POST /answer, OpenAI's /v1 API, GET /metrics, "
+                                     "/health, a page at /")
     _add_config_flags(p, ASK_FLAGS, "serve")
-    p.add_argument("--adapter", help="PEFT adapter folder to apply to --model")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a PEFT adapter folder: one PATH alone is merged into --model (the fastest single model); "
+                        "NAME=PATH (repeatable) serves each by name, side by side with the base, requests for "
+                        "different adapters decoded in one batch")
+    p.add_argument("--admin-key-file", help="a file holding the admin key that POST /v1/load_lora_adapter and "
+                                            "/v1/unload_lora_adapter need (or set LORAQA_ADMIN_KEY); without one, "
+                                            "the adapters are the ones given at start")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048,
+                   help="most tokens one request's prompt may hold (413 over it; default: %(default)s, a prefill of "
+                        "seconds on 2 CPU cores)")
+    p.add_argument("--metrics-need-key", action="store_true",
+                   help="GET /metrics needs the API key too (default: open, like /health)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most questions decoded together (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a request waits for others to share its batch (default: %(default)s)")
-    p.add_argument("--api-key-file", help="a file holding the API key that POST /answer then needs as "
-                                          "'Authorization: Bearer KEY' (or set LORAQA_API_KEY)")
+    p.add_argument("--api-key-file", help="a file holding the API key that POST /answer and the /v1 routes then "
+                                          "need as 'Authorization: Bearer KEY' (or set LORAQA_API_KEY)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name the server answers to besides its address, e.g. the name a reverse proxy "
                         "or your team uses (repeatable; '*' allows any)")
@@ -148,7 +160,13 @@ def _config(args: argparse.Namespace, names: list[str]) -> Config:
     is used with the prompts it was trained on), then the flags given."""
     from loraqa.model.lora import adapter_settings
 
-    return load_config(args.config, {**adapter_settings(getattr(args, "adapter", None)), **_settings(args, names)})
+    adapter = getattr(args, "adapter", None)
+    if isinstance(adapter, list):  # serve: [NAME=]PATH, repeatable; the first one's prompt settings (all share them)
+        first = adapter[0] if adapter else None
+        name, named, path = (first or "").partition("=")
+        adapter = path if named and "/" not in name else first
+
+    return load_config(args.config, {**adapter_settings(adapter), **_settings(args, names)})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -265,7 +283,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if config.method == "span":
         raise ValueError("loraqa serve answers by generation; a --method span model answers with loraqa ask")
     serve(config, args.adapter, args.host, args.port, args.max_batch_size, args.max_wait_ms, args.api_key_file,
-          args.allowed_host, args.unauthenticated, args.request_timeout)
+          args.allowed_host, args.unauthenticated, args.request_timeout, args.max_prompt_tokens, args.admin_key_file,
+          args.metrics_need_key)
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,

@@ -90,10 +90,14 @@ def test_the_batcher_takes_whole_passages_oldest_first_within_its_bound():
 
     from loraqa.data.features import Feature
 
+    from loraqa.inference.settings import DecodeSettings
+
     class Recorder:  # stands in for Answerer: records what is decoded together
         batches = []
+        adapters = None
+        settings = DecodeSettings(64)
 
-        def decode(self, features, contexts, progress=False):
+        def decode(self, features, contexts, progress=False, adapters=None, on_token=None):
             time.sleep(0.2)
             self.batches.append([f.input_ids[0] for f in features])
             return {f.id: str(f.input_ids[0]) for f in features}

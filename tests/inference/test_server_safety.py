@@ -78,10 +78,10 @@ def test_an_oversized_body_of_any_size_reads_its_413(keyed):
 class SlowAnswerer(Answerer):
     """Decodes as the real one, but takes 1.5 s for a passage that says SLOW."""
 
-    def decode(self, features, contexts, progress=False):
+    def decode(self, features, contexts, progress=False, **options):
         if any("SLOW" in c for c in contexts.values()):
             time.sleep(1.5)
-        return super().decode(features, contexts, progress)
+        return super().decode(features, contexts, progress, **options)
 
 
 def test_a_request_past_the_timeout_gets_a_504_and_the_next_is_served(answerer):

@@ -32,23 +32,29 @@ def _prompt(f: Feature) -> list[int]:
     return f.input_ids[:f.n_prompt]
 
 
-def _runs(items: list, prompt) -> list[list]:
-    """Consecutive runs of ``items`` whose prompt shares at least ``MIN_SHARED_PREFIX`` tokens with
-    the run's first."""
+def _runs(items: list, prompt, kind=lambda x: "") -> list[list]:
+    """Consecutive runs of ``items`` of one ``kind`` whose prompt shares at least
+    ``MIN_SHARED_PREFIX`` tokens with the run's first."""
     groups: list[list] = []
     for x in items:
-        if groups and _common_prefix(prompt(groups[-1][0]), prompt(x)) >= MIN_SHARED_PREFIX:
+        if groups and kind(groups[-1][0]) == kind(x) and \
+                _common_prefix(prompt(groups[-1][0]), prompt(x)) >= MIN_SHARED_PREFIX:
             groups[-1].append(x)
         else:
             groups.append([x])
     return groups
 
 
-def context_groups(features: list[Feature]) -> list[list[int]]:
+def context_groups(features: list[Feature], kind: dict[str, str] | None = None) -> list[list[int]]:
     """Indices of ``features`` grouped by a shared prompt prefix of at least ``MIN_SHARED_PREFIX``
-    tokens (in SQuAD: one passage each; a lone prompt is a group of one), in token-id order."""
-    order = sorted(range(len(features)), key=lambda i: _prompt(features[i]))
-    return _runs(order, lambda i: _prompt(features[i]))
+    tokens (in SQuAD: one passage each; a lone prompt is a group of one), in token-id order. With
+    ``kind`` ({feature id: kind}, e.g. the LoRA adapter each question is answered with), a group
+    holds one kind only: a passage's keys and values differ by adapter."""
+    def of(i: int) -> str:
+        return kind.get(features[i].id, "") if kind else ""
+
+    order = sorted(range(len(features)), key=lambda i: (of(i), _prompt(features[i])))
+    return _runs(order, lambda i: _prompt(features[i]), of)
 
 
 def split_groups(features: list[Feature]) -> list[list[Feature]]:
@@ -56,9 +62,10 @@ def split_groups(features: list[Feature]) -> list[list[Feature]]:
     return _runs(features, _prompt)
 
 
-def shared_prefix_batches(features: list[Feature], batch_size: int,
-                          max_tokens: int | None = None, new_tokens: int = 0) -> list[list[list[Feature]]]:
-    """Decoding batches: groups of prompts that share a prefix, packed by prompt length.
+def shared_prefix_batches(features: list[Feature], batch_size: int, max_tokens: int | None = None,
+                          new_tokens: int = 0, kind: dict[str, str] | None = None) -> list[list[list[Feature]]]:
+    """Decoding batches: groups of prompts that share a prefix (and ``kind``: see
+    :func:`context_groups`), packed by prompt length; a batch may mix kinds.
 
     A group holds at most ``batch_size`` prompts. Groups of similar prefix length are packed
     into batches of at most ``batch_size`` rows and, when given, ``max_tokens`` key/value slots
@@ -67,7 +74,7 @@ def shared_prefix_batches(features: list[Feature], batch_size: int,
     (``inference.decoder``), then fit in the columns its longer prompts fill anyway.
     """
     groups = [[features[i] for i in g[c:c + batch_size]]
-              for g in context_groups(features) for c in range(0, len(g), batch_size)]
+              for g in context_groups(features, kind) for c in range(0, len(g), batch_size)]
     groups.sort(key=lambda g: g[0].n_prompt, reverse=True)
     batches: list[list[list[Feature]]] = []
     rows = width = 0

@@ -17,23 +17,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KEY_VARIABLE = "LORAQA_API_KEY"
+ADMIN_VARIABLE = "LORAQA_ADMIN_KEY"  # loads and unloads adapters while serving (a key of its own)
 WILDCARDS = ("0.0.0.0", "::", "")
 
 
-def read_api_key(key_file: str | None) -> str | None:
-    """The key from ``key_file`` (its first line), else from ``LORAQA_API_KEY``; None for neither."""
+def read_api_key(key_file: str | None, variable: str = KEY_VARIABLE, flag: str = "--api-key-file") -> str | None:
+    """The key from ``key_file`` (its first line), else from ``variable``; None for neither."""
     if key_file:
         try:
             key = Path(key_file).read_text(encoding="utf-8").strip()
         except OSError as e:
-            raise ValueError(f"--api-key-file {key_file}: cannot read: {e.strerror}") from None
+            raise ValueError(f"{flag} {key_file}: cannot read: {e.strerror}") from None
         if not key:
-            raise ValueError(f"--api-key-file {key_file} is empty")
+            raise ValueError(f"{flag} {key_file} is empty")
         return key
-    key = os.environ.get(KEY_VARIABLE)
+    key = os.environ.get(variable)
     if key is not None and not key.strip():
-        raise ValueError(f"{KEY_VARIABLE} is set but empty")
+        raise ValueError(f"{variable} is set but empty")
     return key.strip() if key else None
+
+
+def read_admin_key(key_file: str | None, api_key: str | None) -> str | None:
+    """The admin key (``--admin-key-file`` or ``LORAQA_ADMIN_KEY``): another key than the API key,
+    or the clients could load and unload adapters."""
+    key = read_api_key(key_file, ADMIN_VARIABLE, "--admin-key-file")
+    if key is not None and key == api_key:
+        raise ValueError("the admin key must differ from the API key (every client holds that one)")
+    return key
 
 
 def is_loopback(host: str) -> bool:
@@ -85,6 +95,7 @@ def strip_port(host_header: str) -> str:
 class Access:
     key: str | None = None
     hosts: set[str] = field(default_factory=lambda: {"*"})
+    admin_key: str | None = None  # None: adapters cannot be loaded or unloaded while serving
 
     def host_ok(self, host_header: str | None) -> bool:
         return "*" in self.hosts or (host_header is not None and strip_port(host_header) in self.hosts)
@@ -93,5 +104,14 @@ class Access:
         """No key set, or ``Bearer KEY`` with the key, compared in constant time."""
         if self.key is None:
             return True
-        scheme, _, given = (authorization or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.key.encode())
+        return _bearer(authorization, self.key)
+
+    def admin_ok(self, authorization: str | None) -> bool:
+        """An admin key is set and ``Bearer ADMIN_KEY`` carries it."""
+        return self.admin_key is not None and _bearer(authorization, self.admin_key)
+
+
+def _bearer(authorization: str | None, key: str) -> bool:
+    """``Bearer KEY`` with ``key``, compared in constant time."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())

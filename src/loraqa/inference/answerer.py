@@ -15,6 +15,7 @@ from loraqa.inference.generate import predict, prefill_probe
 from loraqa.inference.paths import check_support
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
+from loraqa.model.adapters import AdapterSet, ReadAdapter
 from loraqa.model.load import load_base, resolve_max_length
 from loraqa.model.lora import load_adapter, merge_for_answering
 from loraqa.model.precision import choose_precision, store_frozen_weights
@@ -55,22 +56,32 @@ class Answerer:
     precision_reason: str
     name: str         # the model, as given (GET /health)
     base_params: int  # the base model's parameters
+    adapters: AdapterSet | None = None  # several LoRA adapters, unmerged, answered together (serve)
 
     def features(self, examples: list[Example]) -> tuple[list[Feature], FeatureStats]:
         """Prompts within the token budget; contexts cut from the end where too long (counted)."""
         return build_eval_features(self.tokenizer, examples, self.settings.template, self.settings.max_length,
                                    self.settings.max_new_tokens)
 
-    def decode(self, features: list[Feature], contexts: dict[str, str], progress: bool = False) -> dict[str, str]:
+    def decode(self, features: list[Feature], contexts: dict[str, str], progress: bool = False,
+               adapters: dict[str, str] | None = None, on_token=None) -> dict[str, str]:
         """{feature id: answer}; questions on the same passage share its prefill. ``contexts``
-        ({feature id: passage}) hold answers to spans under ``--constrain-to-context``."""
+        ({feature id: passage}) hold answers to spans under ``--constrain-to-context``; ``adapters``
+        ({feature id: adapter name, or ``model.adapters.BASE``}) and ``on_token`` as ``predict`` takes them."""
         return predict(self.model, self.tokenizer, features, self.settings, self.device, self.precision,
-                       contexts=contexts, progress=progress)
+                       contexts=contexts, progress=progress, adapters=adapters, on_token=on_token)
+
+    def attach(self, adapter: ReadAdapter) -> None:
+        """Add a read adapter (``model.adapters``): on the decoding thread, between batches."""
+        self.adapters.attach(adapter)
 
 
-def load_answerer(config: Config, adapter: str | None, probe_examples: list[Example]) -> Answerer:
+def load_answerer(config: Config, adapter: str | None, probe_examples: list[Example],
+                  named: list[tuple[str, str]] | None = None) -> Answerer:
     """Model (+ adapter, merged) on this machine's device, in the precision ``prepare_for_answering`` picks
-    (where ``auto`` needs a probe, it prefills a batch of ``probe_examples``' prompts)."""
+    (where ``auto`` needs a probe, it prefills a batch of ``probe_examples``' prompts). With ``named``
+    adapters ([(name, path)], possibly none yet: a server that loads them later), they stay unmerged
+    over the base's layers (``model.adapters``), each checked against the base, and a batch may mix them."""
     device = Processes.single().device
     model, tokenizer, base_params = load_base(config)
     settings = DecodeSettings.from_config(config, resolve_max_length(config, model, tokenizer))
@@ -78,7 +89,12 @@ def load_answerer(config: Config, adapter: str | None, probe_examples: list[Exam
         model = load_adapter(model, adapter, config)
     model.to(device)
     model, precision, why = prepare_for_answering(model, tokenizer, settings, config.precision, device, probe_examples)
-    return Answerer(model, tokenizer, settings, device, precision, why, config.model, base_params)
+    answerer = Answerer(model, tokenizer, settings, device, precision, why, config.model, base_params)
+    if named is not None:
+        answerer.adapters = AdapterSet(model, config, config.model)
+        for name, path in named:
+            answerer.attach(answerer.adapters.read(name, path))
+    return answerer
 
 
 def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False

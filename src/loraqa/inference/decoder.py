@@ -27,6 +27,7 @@ import torch
 from torch.profiler import record_function
 from transformers import StaticCache
 
+from loraqa.model.adapters import routing
 from loraqa.model.load import cache_kwarg
 from loraqa.model.prefix import KVPool, positions_after, prefill_runs, prefix_positions, spread_static, static_cache
 from loraqa.model.prefix_attention import SharedPrefix, prefix_attention
@@ -39,12 +40,14 @@ CARRY_SHARE = 4  # a batch hands its rows on to the next once at most 1/CARRY_SH
 class Batch:
     """Left-padded prompts (or each prompt's remainder after ``prefix``) and the caller's ``tags``,
     one per row. ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)): passages
-    that several rows share, each row's group in ``row_prefix``."""
+    that several rows share, each row's group in ``row_prefix``. ``adapters``: each row's LoRA
+    adapter, for a model serving several (``model.adapters``; a group's rows share one; "__base__": none)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     tags: list
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    adapters: list[str] | None = None
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Live:
     pool: KVPool
     side: int                # the pool's side that holds the cache (-1: none)
     prefix: SharedPrefix | None = None  # the rows' passages, when kept apart from the cache
+    adapters: list[str] | None = None   # each row's LoRA adapter (Batch.adapters)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only ``rows`` go on: the others' slots leave the cache (copied into the pool's other side),
@@ -75,11 +79,13 @@ class Live:
             self.prefix.keep(rows)
         picked = rows.tolist()
         self.tags, self.made, self.watched = ([x[i] for i in picked] for x in (self.tags, self.made, self.watched))
+        if self.adapters is not None:
+            self.adapters = [self.adapters[i] for i in picked]
 
 
 def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch.Tensor,
            pool: KVPool | None = None, *, carry: bool = True, choose=None, watch_id: int | None = None,
-           na_thresh: float | None = None, support: DecodingSupport | None = None
+           na_thresh: float | None = None, support: DecodingSupport | None = None, on_token=None
            ) -> Iterator[tuple[object, list[int], float | None]]:
     """Yields (tag, tokens, watched) for every row as it ends: its tokens up to and including its
     first stop token (at most ``max_new_tokens``), and the probability its first token was
@@ -89,6 +95,7 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     With ``na_thresh`` (and ``watch_id``), the first token is ``watch_id`` exactly where its
     probability is above ``na_thresh``, and elsewhere the likeliest other token: the threshold, not
     the argmax, decides whether to answer. ``carry=False`` decodes each batch to its end alone.
+    ``on_token(tag, token)`` hears each row's tokens as they are chosen (a server's stream).
     ``support`` (``model.support``; by default the model's own) says whether passages are read once
     (the ``shared`` path) or copied into each row (``copies``), and whether windows are lifted: every
     prompt here must fit the model's smallest window, prompt and answer (``DecodingSupport.fits``).
@@ -108,10 +115,11 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
                 live, logits, first_rows = _admit(model, batch, max_new_tokens, pool,
                                                   live if live and live.tags else None, shared)
             handover = len(live.tags) // CARRY_SHARE if carry else -1
-            yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh)
+            yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh,
+                                     on_token)
             batch = next(batches, None)
         while live.tags and (batch is None or len(live.tags) > handover):
-            yield from _step(model, live, stops, max_new_tokens, choose, attend)
+            yield from _step(model, live, stops, max_new_tokens, choose, attend, on_token)
 
 
 @contextmanager
@@ -144,6 +152,12 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
         prefix_ids, prefix_mask = prefix_ids[group_order], prefix_mask[group_order]
         row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
     past_mask = prefix_mask[row_prefix]  # each row's passage slots
+    adapters = group_adapters = None
+    if batch.adapters is not None:  # each forward below tells PEFT each of its rows' adapter
+        adapters = [batch.adapters[i] for i in order.tolist()]
+        group_adapters = [""] * prefix_ids.size(0)
+        for row, group in enumerate(row_prefix.tolist()):
+            group_adapters[group] = adapters[row]
     # the rows' own cache columns, filled left to right: (without shared passages, the passages,)
     # the questions, then (masked) the columns that carried rows filled beyond this batch's
     # prompts, then the answers
@@ -156,35 +170,41 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     mask = attention_mask.new_zeros(rows + extra, col + max_new_tokens)
     prefix = None
     if shared:
-        prefix = _passages(model, lm, prefix_ids, prefix_mask, row_prefix, carried and carried.prefix)
+        prefix = _passages(model, lm, prefix_ids, prefix_mask, row_prefix, carried and carried.prefix, group_adapters)
         kw["shared_prefix"] = prefix
     elif batch.prefix is not None:
         prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), mask.size(1))
         prefix_full[:, :past] = prefix_mask
         with record_function("prefill:passage"):
             prefill_runs(model, cache, prefix_ids, prefix_mask.sum(-1).tolist(), prefix_full,
-                         prefix_positions(prefix_mask), 0, kw)
+                         prefix_positions(prefix_mask), 0, _with_adapters(kw, group_adapters))
         with record_function("cache:spread"):  # (G, ...) -> (B + carried, ...): each row gets its group's prefix
             spread_static(cache, row_prefix, pool, rows + extra, side)
         mask[:rows, :past] = past_mask
     position_ids = positions_after(past_mask, attention_mask)
     mask[:rows, past:past + width] = attention_mask
     with record_function("prefill:question"):
-        logits = prefill_runs(model, cache, input_ids, lengths.tolist(), mask[:rows], position_ids, past, kw,
-                              room=rows + extra)
+        logits = prefill_runs(model, cache, input_ids, lengths.tolist(), mask[:rows], position_ids, past,
+                              _with_adapters(kw, adapters), room=rows + extra)
     for layer in cache.layers:
         layer.cumulative_length.fill_(col)
     live = Live(cache, kw, mask, position_ids[:, -1:] + 1, input_ids.new_zeros(rows),
                 [batch.tags[i] for i in order.tolist()], [[] for _ in range(rows)], col, [None] * rows, pool,
-                side if past else -1, prefix)
+                side if past else -1, prefix, adapters)
     if carried is not None:
         with record_function("cache:carry"):
             _take_in(live, carried, rows)
     return live, logits, rows
 
 
+def _with_adapters(kw: dict, adapters: list[str] | None) -> dict:
+    """``kw`` with ``adapter_names`` (one per row) for ``model.prefix.prefill_runs`` to route a run's
+    rows to their adapters (``model.adapters.routing``)."""
+    return kw if adapters is None else {**kw, "adapter_names": adapters}
+
+
 def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_prefix: torch.Tensor,
-              carried: SharedPrefix | None) -> SharedPrefix:
+              carried: SharedPrefix | None, adapters: list[str] | None = None) -> SharedPrefix:
     """The passages' keys and values, one copy each (``model.prefix_attention``), then those the
     ``carried`` rows read, copied in after them (the rows: the batch's, then the carried)."""
     carried = None if carried is None else carried.reading()
@@ -197,7 +217,8 @@ def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, ro
         store = static_cache(lm, slots)
         with record_function("prefill:passage"):
             prefill_runs(model, store, prefix_ids, prefix_mask.sum(-1).tolist(), mask[:groups],
-                         prefix_positions(prefix_mask), 0, {cache_kwarg(lm): store, "use_cache": True}, room=room)
+                         prefix_positions(prefix_mask), 0,
+                         _with_adapters({cache_kwarg(lm): store, "use_cache": True}, adapters), room=room)
         keys, values = [layer.keys for layer in store.layers], [layer.values for layer in store.layers]
     elif carried is not None:  # no passage in this batch: room for the carried rows' alone
         keys = [k.new_zeros(room, *k.shape[1:]) for k in carried.keys]
@@ -239,14 +260,18 @@ def _take_in(live: Live, carried: Live, start: int) -> None:
     live.tags += carried.tags
     live.made += carried.made
     live.watched += carried.watched
+    if live.adapters is not None:
+        live.adapters += carried.adapters
 
 
-def _ended(live: Live, next_ids: torch.Tensor, stops: set, max_new_tokens: int, rows: range
+def _ended(live: Live, next_ids: torch.Tensor, stops: set, max_new_tokens: int, rows: range, on_token=None
            ) -> Iterator[tuple[object, list[int], float | None]]:
     """Record ``next_ids`` as rows ``rows``' tokens; yield the rows that end with them and drop them."""
     going = [i for i in range(len(live.tags)) if i not in rows]
     for i, t in zip(rows, next_ids.tolist()):
         live.made[i].append(t)
+        if on_token is not None:
+            on_token(live.tags[i], t)
         if t in stops or len(live.made[i]) == max_new_tokens:
             yield live.tags[i], live.made[i], live.watched[i]
         else:
@@ -258,7 +283,7 @@ def _ended(live: Live, next_ids: torch.Tensor, stops: set, max_new_tokens: int, 
 
 
 def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_new_tokens: int, choose,
-                  watch_id, na_thresh) -> Iterator:
+                  watch_id, na_thresh, on_token=None) -> Iterator:
     """The batch's first tokens, from its prefill's logits (the carried rows already have theirs)."""
     watched = None if watch_id is None else logits.float().softmax(-1)[:, watch_id]
     if na_thresh is not None:
@@ -270,21 +295,21 @@ def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_n
         next_ids = torch.where(abstain, watch_id, next_ids)
     if watched is not None:
         live.watched[:rows] = watched.tolist()
-    yield from _ended(live, next_ids, stops, max_new_tokens, range(rows))
+    yield from _ended(live, next_ids, stops, max_new_tokens, range(rows), on_token)
 
 
-def _step(model, live: Live, stops: set, max_new_tokens: int, choose, attend) -> Iterator:
+def _step(model, live: Live, stops: set, max_new_tokens: int, choose, attend, on_token=None) -> Iterator:
     """Run every row's pending token (inside ``attend()``: the path's attention); choose the next ones."""
     live.mask[:, live.col] = 1
     if live.prefix is not None:
         live.prefix.step(live.mask[:, :live.col + 1])
-    with record_function("decode:step"), attend():
+    with record_function("decode:step"), attend(), routing(model, live.adapters):
         logits = model(input_ids=live.pending[:, None], attention_mask=live.mask, position_ids=live.positions,
                        **live.kw).logits[:, -1]
     live.col += 1
     live.positions = live.positions + 1
     next_ids = logits.argmax(-1) if choose is None else choose(logits, live.made, live.tags)
-    yield from _ended(live, next_ids, stops, max_new_tokens, range(len(live.tags)))
+    yield from _ended(live, next_ids, stops, max_new_tokens, range(len(live.tags)), on_token)
 
 
 @torch.inference_mode()

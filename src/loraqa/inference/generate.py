@@ -58,7 +58,7 @@ def answer_text(tokenizer, tokens: list[int]) -> str:
 def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings, device: torch.device,
             precision: str = "fp32", *, contexts: dict[str, str] | None = None,
             na_probs: dict[str, float] | None = None, progress: bool = True,
-            route: dict | None = None) -> dict[str, str]:
+            route: dict | None = None, adapters: dict[str, str] | None = None, on_token=None) -> dict[str, str]:
     """{question id: answer} for every feature; questions on the same passage share its prefill.
 
     A batch holds at most ``settings.batch_size`` questions and ``settings.batch_tokens`` cached
@@ -74,6 +74,11 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
     The path is the model's (``inference.paths``); questions it cannot take (longer than a sliding
     window, or a model only ``generate`` answers exactly) are answered by transformers' ``generate``
     one at a time, said in one log line. ``route``, when given, gets the path and both counts.
+
+    ``adapters`` ({question id: LoRA adapter name}, for a PEFT model holding several: ``model.adapters``)
+    answers each question with its own adapter, questions of several adapters in one batch (a
+    passage's prefill shared only among questions of one adapter). ``on_token(question id, token)``
+    hears each answer's tokens as they are chosen.
     """
     if settings.constrain_to_context and contexts is None:
         raise ValueError("constrain_to_context needs each question's passage (contexts)")
@@ -98,18 +103,23 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
         route.update({"path": support.path, "fast": len(fast), "generate": len(slow)})
 
     def batches():
-        for groups in shared_prefix_batches(fast, settings.batch_size, settings.batch_tokens, max_new_tokens):
+        for groups in shared_prefix_batches(fast, settings.batch_size, settings.batch_tokens, max_new_tokens,
+                                            kind=adapters):
             t = {k: v.to(device) for k, v in collate_shared_prefix(groups, tokenizer.pad_token_id).items()}
             yield Batch(t["input_ids"], t["attention_mask"], [where[f.id] for g in groups for f in g],
-                        (t["prefix_ids"], t["prefix_mask"], t["row_prefix"]))
+                        (t["prefix_ids"], t["prefix_mask"], t["row_prefix"]),
+                        None if adapters is None else [adapters[f.id] for g in groups for f in g])
 
     predictions: dict[str, str] = {}
     bar = tqdm(total=len(features), desc="generate", unit="q", disable=not progress)
-    options = {"choose": choose, "watch_id": watch_id, "na_thresh": na_thresh}
+    heard = None if on_token is None else (lambda i, token: on_token(features[i].id, token))
+    options = {"choose": choose, "watch_id": watch_id, "na_thresh": na_thresh, "on_token": heard}
+    by_row = None if adapters is None else {where[f.id]: adapters[f.id] for f in slow}
     with torch.inference_mode(), autocast(device, precision):
         answered = itertools.chain(
             decode(model, batches(), max_new_tokens, stop_ids, KVPool(), support=support, **options) if fast else (),
-            generate_each(model, ((where[f.id], f.input_ids) for f in slow), max_new_tokens, stop_ids, **options))
+            generate_each(model, ((where[f.id], f.input_ids) for f in slow), max_new_tokens, stop_ids,
+                          adapters=by_row, **options))
         for i, tokens, watched in answered:
             answer = answer_text(tokenizer, tokens)
             abstain = na_thresh is not None and watched > na_thresh

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from loraqa.model.adapters import routing
+
 
 class _Rules(LogitsProcessor):
     """One row's token rules: every step leaves only the token loraqa's decoder would pick."""
@@ -56,20 +58,24 @@ def greedy_only(model):
 
 @torch.inference_mode()
 def generate_each(model, prompts: Iterable[tuple[object, list[int]]], max_new_tokens: int, stop_ids: torch.Tensor,
-                  *, choose=None, watch_id: int | None = None, na_thresh: float | None = None
-                  ) -> Iterator[tuple[object, list[int], float | None]]:
+                  *, choose=None, watch_id: int | None = None, na_thresh: float | None = None,
+                  adapters: dict | None = None, on_token=None) -> Iterator[tuple[object, list[int], float | None]]:
     """For each (tag, prompt ids): (tag, its tokens up to and including its first stop token, at
     most ``max_new_tokens``; the probability its first token was ``watch_id``), as
-    ``inference.decoder.decode`` yields them."""
+    ``inference.decoder.decode`` yields them; ``adapters`` ({tag: LoRA adapter}) and ``on_token``
+    as there (the tokens are heard when the question ends)."""
     device = next(model.parameters()).device
     stops = stop_ids.tolist()
     with greedy_only(model):
         for tag, prompt in prompts:
             ids = torch.tensor([prompt], dtype=torch.long, device=device)
             rules = _Rules(tag, len(prompt), choose, watch_id, na_thresh)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=stops[0],
-                                 logits_processor=LogitsProcessorList([rules]))
+            with routing(model, [adapters[tag]] if adapters else None):
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=stops[0],
+                                     logits_processor=LogitsProcessorList([rules]))
             tokens = out[0, len(prompt):].tolist()
             end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+            for token in tokens[:end] if on_token is not None else ():
+                on_token(tag, token)
             yield tag, tokens[:end], rules.watched

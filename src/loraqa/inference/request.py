@@ -3,15 +3,21 @@ questions in it, each checked, and whether each passage fits the model uncut."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 from loraqa.data.examples import Example
+from loraqa.data.features import Feature
 from loraqa.inference.answerer import Answerer
 
 MAX_BODY_BYTES = 1 << 20
 MAX_QUESTIONS = 256  # in one request; a request is never split across batches
 DRAIN_SECONDS = 10.0  # how long the rest of an oversized body is read and dropped
+READ_SECONDS = 10.0  # a body not received in this long, whatever its size, is cut off (408)
+# tokens one request's prompt may hold (--max-prompt-tokens): a prefill of 2,048 tokens takes a few
+# seconds on 2 CPU cores for a 135M model (SmolLM2: ~1.4 ms a token), and a batch waits for it
+MAX_PROMPT_TOKENS = 2048
 
 
 class RequestError(Exception):
@@ -20,12 +26,18 @@ class RequestError(Exception):
         self.status, self.reason = status, reason
 
 
-def parse_questions(body: bytes) -> tuple[list[Example], bool]:
-    """(examples, single) from a request body; ``RequestError`` naming the first problem."""
+def parse_json(body: bytes) -> object:
+    """The body as JSON; ``RequestError`` 400 for anything Python cannot parse or convert."""
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
         raise RequestError(400, f"body is not valid JSON ({getattr(e, 'msg', e)})") from None
+
+
+def parse_questions(body: bytes) -> tuple[list[Example], bool, str | None]:
+    """(examples, single, model) from a request body; ``RequestError`` naming the first problem.
+    ``model``: the adapter (or base) the body names, None when it names none."""
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise RequestError(422, "body must be a JSON object with context and question, or questions")
     single = "questions" not in data
@@ -45,38 +57,73 @@ def parse_questions(body: bytes) -> tuple[list[Example], bool]:
         if not isinstance(row.get("id", ""), (str, int)) or isinstance(row.get("id"), bool):
             raise RequestError(422, f"{where}field 'id' must be a string or an integer")
         examples.append(Example(str(row.get("id", n)), "", row["context"], row["question"], ()))
-    return examples, single
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(422, "field 'model' must be a string: an adapter's name or the base's (GET /v1/models)")
+    return examples, single, model
 
 
-def check_fits(answerer: Answerer, examples: list[Example], single: bool) -> list:
-    """One feature per example; ``RequestError`` for a passage that does not fit uncut."""
+def check_fits(answerer: Answerer, examples: list[Example], single: bool,
+               max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> list:
+    """One feature per example; ``RequestError`` for a passage that does not fit uncut (422) or a
+    prompt over ``max_prompt_tokens`` (413), with the numbers."""
     features = []
     for n, ex in enumerate(examples):
         got, stats = answerer.features([ex])
+        where = "" if single else f"questions[{n}]: "
         if stats.windowed or stats.dropped:
-            where = "" if single else f"questions[{n}]: "
             settings = answerer.settings
             budget = settings.max_length - settings.max_new_tokens
             raise RequestError(422, f"{where}passage too long: the prompt must fit in {budget} tokens "
                                     f"(the model's {settings.max_length} less {settings.max_new_tokens} "
                                     "for the answer); shorten the passage")
+        _check_prompt(got[0], max_prompt_tokens, where)
         features += got
     return features
 
 
-async def read_body(request, limit: int = MAX_BODY_BYTES, drain_seconds: float = DRAIN_SECONDS) -> bytes:
+def prompt_feature(answerer: Answerer, prompt: str, max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> Feature:
+    """A raw prompt (an OpenAI completion not in the template's form) as it stands, checked as above."""
+    ids = answerer.tokenizer(prompt)["input_ids"]
+    settings = answerer.settings
+    if len(ids) + settings.max_new_tokens > settings.max_length:
+        raise RequestError(422, f"prompt of {len(ids):,} tokens: it must fit in {settings.max_length - settings.max_new_tokens:,} "
+                                f"(the model's {settings.max_length} less {settings.max_new_tokens} for the answer)")
+    feature = Feature("prompt", ids, len(ids))
+    _check_prompt(feature, max_prompt_tokens, "")
+    return feature
+
+
+def _check_prompt(feature: Feature, max_prompt_tokens: int, where: str) -> None:
+    if feature.n_prompt > max_prompt_tokens:
+        raise RequestError(413, f"{where}prompt of {feature.n_prompt:,} tokens, over this server's "
+                                f"--max-prompt-tokens {max_prompt_tokens:,}; ask with a shorter passage")
+
+
+async def read_body(request, limit: int = MAX_BODY_BYTES, drain_seconds: float = DRAIN_SECONDS,
+                    deadline: float | None = None) -> bytes:
     """The body; ``RequestError`` 413 for one over ``limit`` bytes, whatever its size and however it
     is sent (``Content-Length`` or chunked). The rest of an oversized body is read and dropped, as
     nginx's lingering close does, so the client has sent everything when the 413 comes and reads it;
-    a body still arriving after ``drain_seconds`` is cut off (the connection closes)."""
-    body, size, stop = bytearray(), 0, time.monotonic() + drain_seconds
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            body += chunk
-        elif time.monotonic() > stop:
-            break
-    if size > limit:
+    a body still arriving after ``drain_seconds`` is cut off (the connection closes). A body of any
+    size not received within ``deadline`` seconds (a client that stalls) is a 408."""
+    body, size, deadline = bytearray(), [0], deadline or READ_SECONDS
+
+    async def read() -> None:
+        stop = time.monotonic() + drain_seconds
+        async for chunk in request.stream():
+            size[0] += len(chunk)
+            if size[0] <= limit:
+                body.extend(chunk)
+            elif time.monotonic() > stop:
+                break
+
+    try:
+        await asyncio.wait_for(read(), deadline)
+    except asyncio.TimeoutError:
+        if size[0] <= limit:
+            raise RequestError(408, f"the body did not arrive within {deadline:g} s") from None
+    if size[0] > limit:
         raise RequestError(413, f"body over {limit} bytes")
     return bytes(body)
 

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
+from loraqa.model.adapters import routing
 from loraqa.model.load import cache_kwarg
 
 
@@ -163,9 +164,13 @@ def prefill_runs(model, cache, input_ids: torch.Tensor, lengths: list[int], mask
                 if full is not None:
                     layer.keys, layer.values = full[i][0][a:b], full[i][1][a:b]
                 layer.cumulative_length.fill_(start + width - w)
-            run_kw = kw if "shared_prefix" not in kw else {**kw, "shared_prefix": kw["shared_prefix"].rows(a, b)}
-            out = model(input_ids=input_ids[a:b, width - w:], attention_mask=mask[a:b],
-                        position_ids=position_ids[a:b, width - w:], logits_to_keep=1, **run_kw)
+            run_kw = dict(kw)
+            if "shared_prefix" in kw:
+                run_kw["shared_prefix"] = kw["shared_prefix"].rows(a, b)
+            names = run_kw.pop("adapter_names", None)  # each row's LoRA adapter (model.adapters)
+            with routing(model, None if names is None else names[a:b]):
+                out = model(input_ids=input_ids[a:b, width - w:], attention_mask=mask[a:b],
+                            position_ids=position_ids[a:b, width - w:], logits_to_keep=1, **run_kw)
             logits.append(out.logits[:, -1])
             if full is None:  # the first run sized the cache by its rows: room for all of them
                 full = [(_regrown(layer.keys, rows, a, b), _regrown(layer.values, rows, a, b)) for layer in cache.layers]
