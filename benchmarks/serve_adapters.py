@@ -3,11 +3,12 @@
 For each K: the same requests (the file's first passages, all their questions) spread over K
 adapters, each passage's questions asked of one adapter (passage i of adapter i mod K: each
 customer asks about its own documents; a passage asked of several adapters is prefilled once for
-each, as a LoRA changes its keys), sent at once to a server holding the K adapters: their throughput (requests/s) with the
-adapters mixed in batches, against one merged adapter (``--adapter PATH``: today's single model)
-and against the same requests sent one adapter at a time (a wave each: what a server that cannot
-batch different adapters together gets); and whether each answer is its adapter's alone (the
-mixed run's against the grouped run's, the same server).
+each, as a LoRA changes its keys), sent by ``--clients`` clients that each keep one request in flight
+(a server under steady load), to: one merged adapter (``--adapter PATH``: today's single model, all
+requests to it); a server holding the K adapters, mixing them in batches; and the same server
+decoding one adapter's requests at a time (``--one-adapter-per-batch``: what servers that cannot mix
+adapters do). Throughput (requests/s), latency, and whether each answer is its adapter's alone (the
+mixed run's against the one-at-a-time run's: the same adapters, other batches).
 
 The K adapters are ``--adapter`` (trained) and K-1 variants of it, each LoRA B scaled by a factor of
 its own (seeded): the same shapes and cost as K trained adapters, other answers.
@@ -29,7 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve import concurrent, post, soak, start_server, summary, wait_healthy
+from serve import post, soak, start_server, summary, wait_healthy
 
 ADMIN_KEY = "benchmark-admin"
 
@@ -50,8 +51,26 @@ def make_adapters(source: str, k: int, folder: Path) -> list[str]:
     return paths
 
 
-def wave(url: str, bodies: list[dict], timeout: float) -> tuple[list, float]:
-    return concurrent(url, bodies, timeout) if bodies else ([], 0.0)
+def closed_loop(url: str, bodies: list[dict], clients: int, timeout: float) -> tuple[list, float]:
+    """``clients`` threads, each posting the next of ``bodies`` when its last one is answered."""
+    results: list = [None] * len(bodies)
+    order, lock = iter(range(len(bodies))), threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                n = next(order, None)
+            if n is None:
+                return
+            results[n] = post(url, bodies[n], timeout)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * len(bodies))
+    return [r or (timeout, None, "no reply in time") for r in results], time.perf_counter() - start
 
 
 def run(args, bodies: list[dict], deadline: float) -> None:
@@ -63,28 +82,24 @@ def run(args, bodies: list[dict], deadline: float) -> None:
         rows = []
         with start_server(args, ["--adapter", adapters[0]], deadline) as base:
             post(f"{base}/answer", bodies[0], args.timeout)  # warm-up
-            merged, merged_wall = concurrent(f"{base}/answer", bodies, args.timeout)
+            merged, merged_wall = closed_loop(f"{base}/answer", bodies, args.clients, args.timeout)
         rows.append({**summary("1 adapter, merged", merged, merged_wall), "same": "-"})
         for k in ks:
             named = [x for i in range(k) for x in ("--adapter", f"a{i}={adapters[i]}")]
             asked = [{**b, "model": f"a{passages.index(b['context']) % k}"} for b in bodies]
-            with start_server(args, named, deadline) as base:
-                for i in range(k):
-                    post(f"{base}/answer", {**bodies[0], "model": f"a{i}"}, args.timeout)  # warm-up
-                mixed, mixed_wall = concurrent(f"{base}/answer", asked, args.timeout)
-                grouped, grouped_wall = [None] * len(asked), 0.0
-                for i in range(k):  # one adapter's requests at a time
-                    mine = [n for n, b in enumerate(asked) if b["model"] == f"a{i}"]
-                    results, wall = wave(f"{base}/answer", [asked[n] for n in mine], args.timeout)
-                    grouped_wall += wall
-                    for n, r in zip(mine, results):
-                        grouped[n] = r
+            runs = {}
+            for mode, flags in (("mixed", []), ("one at a time", ["--one-adapter-per-batch"])):
+                with start_server(args, named + flags, deadline) as base:
+                    for i in range(k):
+                        post(f"{base}/answer", {**bodies[0], "model": f"a{i}"}, args.timeout)  # warm-up
+                    runs[mode] = closed_loop(f"{base}/answer", asked, args.clients, args.timeout)
+            (mixed, mixed_wall), (grouped, grouped_wall) = runs["mixed"], runs["one at a time"]
             same = sum(m[1] == g[1] and m[2] is None for m, g in zip(mixed, grouped))
             first = [n for n, b in enumerate(asked) if b["model"] == "a0"]
             rows.append({**summary(f"{k} adapters, mixed", mixed, mixed_wall), "same": f"{same}/{len(asked)}",
                          "a0_as_merged": f"{sum(mixed[n][1] == merged[n][1] for n in first)}/{len(first)}"})
             rows.append({**summary(f"{k} adapters, one at a time", grouped, grouped_wall), "same": "-"})
-        report = {"requests": len(bodies), "passages": len({b["context"] for b in bodies}), "rows": rows}
+        report = {"requests": len(bodies), "passages": len(passages), "clients": args.clients, "rows": rows}
         print(json.dumps(report, indent=2))
         merged_rate = rows[0]["requests_per_s"]
         print("\n| server | requests/s | x merged | x one adapter at a time | p50 s | p95 s | errors | same answers |\n"

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "seconds on 2 CPU cores)")
     p.add_argument("--metrics-need-key", action="store_true",
                    help="GET /metrics needs the API key too (default: open, like /health)")
+    p.add_argument("--one-adapter-per-batch", action="store_true",
+                   help="decode one adapter's requests at a time, as servers that cannot mix adapters do "
+                        "(for comparison: benchmarks/serve.py --adapters)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most questions decoded together (default: %(default)s)")
@@ -284,7 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError("loraqa serve answers by generation; a --method span model answers with loraqa ask")
     serve(config, args.adapter, args.host, args.port, args.max_batch_size, args.max_wait_ms, args.api_key_file,
           args.allowed_host, args.unauthenticated, args.request_timeout, args.max_prompt_tokens, args.admin_key_file,
-          args.metrics_need_key)
+          args.metrics_need_key, not args.one_adapter_per_batch)
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,

@@ -52,7 +52,7 @@ def test_each_row_of_a_mixed_batch_is_its_adapter_alone(arch, tmp_path):
     ids = torch.randint(1, 300, (4, 9))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        for names in (["a", "b", "c", BASE], ["b", "b", "b", "b"]):
+        for names in (["a", "b", "c", BASE], ["b", "b", "b", "b"], ["c", BASE, "c", BASE]):  # stack, slice, gathers
             with routing(model, names):
                 mixed = model(input_ids=ids).logits  # a prefill: 9 tokens a row
                 step = model(input_ids=ids[:, :1]).logits  # a decoding step's shape: one token a row

@@ -30,14 +30,24 @@ class Ask:
     tokens: list[list[int]] = field(default_factory=list)  # each question's tokens, as decoded
 
 
+def decoding_thread() -> ThreadPoolExecutor:
+    """The one thread a server's torch work runs on. OpenMP keeps a team of threads for each thread
+    that calls into torch; a second team on the same cores (the model loaded on the main thread,
+    decoded on another) made decoding 30% slower on 2 cores: load in it too (``inference.server``)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="loraqa-decode")
+
+
 class Batcher:
     """Groups concurrent requests into decoding batches; decodes in one worker thread."""
 
-    def __init__(self, answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float = 10.0) -> None:
+    def __init__(self, answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float = 10.0,
+                 worker: ThreadPoolExecutor | None = None, mix_adapters: bool = True) -> None:
         self.answerer, self.max_batch_size, self.max_wait = answerer, max_batch_size, max_wait_ms / 1000
+        self.mix_adapters = mix_adapters  # False: one adapter's requests a batch (servers that cannot mix them)
         self.waiting: list[Ask] = []  # oldest first
         self.wake = asyncio.Event()
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="loraqa-decode")  # torch runs here, one batch at a time
+        # torch runs here, one batch at a time; ``serve`` loads the model in it too (decoding_thread)
+        self.worker = worker or decoding_thread()
         self.ids = count()
         self.batches = self.questions = 0  # served so far (GET /health)
         self.running = 0                   # questions in the batch decoding now
@@ -73,7 +83,8 @@ class Batcher:
         so the questions about the oldest request's passage go together even when others arrived in
         between. Requests given up while waiting (a client gone, ``--request-timeout``) are dropped."""
         self.waiting = [a for a in self.waiting if not a.done.done()]
-        order = list(dict.fromkeys((a.passage, a.adapter) for a in self.waiting))
+        order = list(dict.fromkeys((a.passage, a.adapter) for a in self.waiting
+                                   if self.mix_adapters or a.adapter == self.waiting[0].adapter))
         batch, size = [], 0
         for key in order:
             for item in [a for a in self.waiting if (a.passage, a.adapter) == key]:

@@ -48,7 +48,7 @@ from loraqa.data.squad import load_squad_file
 from loraqa.inference import openai_api
 from loraqa.inference.access import Access, check_bind, host_names, read_admin_key, read_api_key
 from loraqa.inference.answerer import Answerer, load_answerer
-from loraqa.inference.batcher import Batcher
+from loraqa.inference.batcher import Batcher, decoding_thread
 from loraqa.inference.generate import stop_token_ids
 from loraqa.inference.metrics import Metrics
 from loraqa.inference.request import (MAX_PROMPT_TOKENS, RequestError, check_fits, drain, parse_json,
@@ -100,9 +100,9 @@ def offsets(context: str, answer: str) -> tuple[int | None, int | None]:
 
 def build_app(answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float = 10.0, access: Access | None = None,
               request_timeout: float = 60.0, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-              metrics_need_key: bool = False):
+              metrics_need_key: bool = False, worker=None, mix_adapters: bool = True):
     """The Starlette app: /answer, the OpenAI routes, the admin routes, /metrics, /health and the
-    page, over one :class:`Batcher`."""
+    page, over one :class:`Batcher` (decoding in ``worker``, the thread the model was loaded in)."""
     from starlette.applications import Starlette
     from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -321,7 +321,7 @@ def build_app(answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float =
 
     @asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = Batcher(answerer, max_batch_size, max_wait_ms)
+        state["batcher"] = Batcher(answerer, max_batch_size, max_wait_ms, worker, mix_adapters)
         metrics.watch(state["batcher"], answerer, max_batch_size)
         state["parser"] = ThreadPoolExecutor(1, thread_name_prefix="loraqa-parse")
         state["loader"] = ThreadPoolExecutor(1, thread_name_prefix="loraqa-load")  # adapters read from disk
@@ -345,7 +345,7 @@ def build_app(answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float =
 def serve(config, adapters: list[str], host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32,
           max_wait_ms: float = 10.0, api_key_file: str | None = None, allowed_hosts: list[str] | None = None,
           unauthenticated: bool = False, request_timeout: float = 60.0, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-          admin_key_file: str | None = None, metrics_need_key: bool = False) -> None:
+          admin_key_file: str | None = None, metrics_need_key: bool = False, mix_adapters: bool = True) -> None:
     """Load the model once, then serve until SIGTERM or Ctrl-C, which let the requests in flight
     finish. ``adapters``: ``--adapter`` values; one plain PATH is merged (today's single model),
     NAME=PATH ones (or an admin key, to load them later) stay unmerged and are served side by side."""
@@ -361,10 +361,13 @@ def serve(config, adapters: list[str], host: str = "127.0.0.1", port: int = 8000
     if merged is None and any(name is None for name, _ in pairs):
         raise ValueError("--adapter PATH alone is merged into the model; with an admin key, name it: --adapter NAME=PATH")
     named = None if merged is not None or (not pairs and admin is None) else pairs
+    # loaded in the thread that will decode (batcher.decoding_thread: one OpenMP team, 30% faster on 2 cores);
     # a precision probe (where --precision auto needs one) runs on realistic prompts: the bundled sample's
-    answerer = load_answerer(config, merged, load_squad_file(sample_file("eval"))[:64], named)
+    worker = decoding_thread()
+    answerer = worker.submit(load_answerer, config, merged, load_squad_file(sample_file("eval"))[:64], named).result()
     stop_token_ids(answerer.tokenizer)  # computed once, before the first request waits for it
-    app = build_app(answerer, max_batch_size, max_wait_ms, access, request_timeout, max_prompt_tokens, metrics_need_key)
+    app = build_app(answerer, max_batch_size, max_wait_ms, access, request_timeout, max_prompt_tokens, metrics_need_key,
+                    worker, mix_adapters)
     served = f" + {merged}" if merged else (f"; adapters {', '.join(n for n, _ in named)}" if named else "")
     log(f"serving {config.model}{served} on http://{host}:{port} (batches of at most {max_batch_size} questions, "
         f"{max_wait_ms:g} ms wait; {'API key required' if key else 'no API key'}"

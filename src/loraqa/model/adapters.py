@@ -7,10 +7,11 @@ PEFT reads an adapter (its config and weights, ``load_peft_weights``) and says e
 (out, K r). A forward runs the base layer once for all rows, then:
 
 - all rows ask one adapter: two products with its r columns alone (none for the base);
-- a decoding step (one token a row): two products over the whole stack, each row keeping only its
-  own adapter's r columns between them (a mask): no gathers, no Python per row or adapter;
-- a prefill (many tokens a row): each adapter's rows through its slice alone (K gathers), as
-  computing every adapter's columns for every token costs more there.
+- a decoding step (one token a row) whose rows ask most of the stacked adapters: two products over
+  the whole stack, each row keeping only its own adapter's r columns between them (a mask): no
+  gathers, no Python per row or adapter;
+- a prefill (many tokens a row), or a step whose rows ask few of them: each adapter's rows through
+  its slice alone (a gather each), as computing (and reading) every adapter's columns costs more there.
 
 (PEFT's own ``adapter_names`` indexes each adapter's rows in every layer of every forward in Python
 lists, and registers hooks on every module per forward: on SmolLM2 with one adapter, 6.4
@@ -45,11 +46,12 @@ LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])\.weight$")
 
 @dataclass
 class ReadAdapter:
-    """An adapter read from disk and checked, not yet attached: each layer's (A (r, in), B scaled (out, r))."""
+    """An adapter read from disk and checked, not yet attached: each layer's (A (r, in), B (out, r),
+    scale), as saved (scaling and casting are torch work: the decoding thread's, see :meth:`AdapterSet.attach`)."""
 
     name: str
     path: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
 class Router:
@@ -59,6 +61,7 @@ class Router:
         self.names: list[str | None] | None = None
         self.only: str | None = None  # the one adapter every row asks, where they ask one
         self.mixed = False
+        self.asked: set = set()
         self._masks: dict[tuple, torch.Tensor] = {}
 
     def mask(self, layout: tuple[tuple[str, int, int], ...], device, dtype) -> torch.Tensor:
@@ -84,9 +87,9 @@ class Router:
 
     def set(self, names: list[str | None] | None) -> None:
         self.names, self._masks = names, {}
-        asked = set(names or ())
-        self.mixed = len(asked) > 1
-        self.only = next(iter(asked)) if len(asked) == 1 else None
+        self.asked = set(names or ())
+        self.mixed = len(self.asked) > 1
+        self.only = next(iter(self.asked)) if len(self.asked) == 1 else None
 
 
 class MultiLoRA(nn.Module):
@@ -122,8 +125,11 @@ class MultiLoRA(nn.Module):
             if span is not None:
                 y.add_((x @ self.a[span[0]:span[1]].T) @ self.b[:, span[0]:span[1]].T)
             return y
-        if x.dim() == 3 and x.shape[1] > 1:  # a prefill: each adapter's rows through its slice alone
-            for name, start, end in self.layout:
+        present = [(n, s, e) for n, s, e in self.layout if n in router.asked]
+        # a prefill, or a step whose rows ask few of the stacked adapters (reading the whole stack would
+        # cost more): each adapter's rows through its slice alone
+        if (x.dim() == 3 and x.shape[1] > 1) or 2 * len(present) <= len(self.layout):
+            for name, start, end in present:
                 rows = router.rows(name, x.device)
                 if rows is not None:
                     y.index_add_(0, rows, (x[rows] @ self.a[start:end].T) @ self.b[:, start:end].T)
@@ -226,15 +232,18 @@ class AdapterSet:
             r = ab["A"].shape[0]
             alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), layer_name), config.lora_alpha)
             scale = alpha / (math.sqrt(r) if config.use_rslora else r)  # as PEFT's LoraLayer.update_layer
-            layers[layer_name] = (ab["A"].float(), ab["B"].float() * scale)
+            layers[layer_name] = (ab["A"], ab["B"], scale)
         if not layers:
             raise ValueError(f"{where}: it holds no LoRA matrices")
         return ReadAdapter(name, path, layers)
 
     def attach(self, adapter: ReadAdapter) -> None:
-        """Add a read adapter to the model's layers (between batches: on the decoding thread)."""
+        """Add a read adapter to the model's layers (between batches: on the decoding thread, where
+        all of a server's torch work runs: a second thread's OpenMP threads slowed decoding by 30%
+        on 2 cores, docs/serve.md)."""
         base = _base_of(self.model)
-        for layer_name, ab in adapter.layers.items():
+        for layer_name, (a, b, scale) in adapter.layers.items():
+            ab = (a.float(), b.float() * scale)
             layer = base.get_submodule(layer_name)
             if not isinstance(layer, MultiLoRA):
                 parent, _, child = layer_name.rpartition(".")
