@@ -6,6 +6,8 @@
 2. The factory-device watch of tests/test_devices.py with the device itself: decoding (rows
    leaving and carried, both paths) and training (plain and passage batches) name it everywhere.
 3. A short training run on the device: the loss falls; ``--precision auto``'s choice.
+3b. Several LoRA adapters in one batch on the device (``model.adapters``): each question's answer
+   its adapter's alone, and the factory watch clean.
 4. Answering speed, GPT-2 small's shapes with random weights (so answers run to ``--new-tokens``):
    the bundled 302 questions, fp32 and bf16, questions/s.
 
@@ -114,6 +116,38 @@ def training(device: torch.device, tokenizer, examples) -> dict:
     return result
 
 
+def adapters(device: torch.device, tokenizer, examples, folder) -> dict:
+    from conftest import build_tiny_model
+
+    from loraqa.model.adapters import BASE, AdapterSet
+
+    for seed, name in enumerate("ab", 1):
+        torch.manual_seed(seed)
+        peft = add_lora(build_tiny_model("llama")[0], lora_dropout=0.0)
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.5)
+        peft.save_pretrained(f"{folder}/{name}")
+    model = build_tiny_model("llama")[0].to(device).eval()
+    served = AdapterSet(model, Config(model="tiny"), "tiny")
+    for name in "ab":
+        served.attach(served.read(name, f"{folder}/{name}"))
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 8)
+    settings = DecodeSettings(512, batch_size=4, max_new_tokens=8)
+    mixed_names = {f.id: ["a", "b", BASE][i % 3] for i, f in enumerate(features)}
+    watch = FactoryDevices(device)
+    with watch:
+        mixed = predict(model, tokenizer, features, settings, device, progress=False, adapters=mixed_names)
+    same = 0
+    for name in ("a", "b", BASE):
+        alone = predict(model, tokenizer, features, settings, device, progress=False,
+                        adapters={f.id: name for f in features})
+        same += sum(mixed[f.id] == alone[f.id] for f in features if mixed_names[f.id] == name)
+    result = {"same": same, "questions": len(features), "watch": watch.wrong}
+    print(f"mixed adapters on {device}: {result}", flush=True)
+    return result
+
+
 def speed(device: torch.device, gpt2_tokenizer: str | None) -> dict:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -157,6 +191,10 @@ def main() -> None:
     tokenizer.pad_token = tokenizer.eos_token
     report["devices"] = devices(device, tokenizer, load_squad_file(SQUAD))
     report["training"] = training(device, tokenizer, load_squad_file(SQUAD))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        report["adapters"] = adapters(device, tokenizer, load_squad_file(SQUAD), folder)
     sample = load_squad_file(sample_file("eval"))
     passages = list(dict.fromkeys(ex.context for ex in sample))[:3]
     report["families"] = families(device, tokenizer, [ex for ex in sample if ex.context in passages][:15])

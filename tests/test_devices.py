@@ -130,3 +130,28 @@ def test_the_watch_catches_a_factory_with_no_device():
         weight.grad = torch.ones(2, device="cpu")
         torch.optim.AdamW([weight]).step()
     assert [w.split()[1] for w in watch.wrong] == ["tensor(device=None)", "zeros(device=meta)"]
+
+
+def test_mixed_adapter_decoding_makes_its_tensors_on_the_models_device(tiny_llama_dir, tokenizer, examples, tmp_path):
+    """Rows of several LoRA adapters in one batch (model.adapters): the masks and row indices too."""
+    from loraqa.model.adapters import BASE, AdapterSet
+    from loraqa.model.load import load_model
+
+    for seed, name in enumerate("ab", 1):
+        torch.manual_seed(seed)
+        peft = add_lora(load_model(str(tiny_llama_dir)), lora_dropout=0.0)
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.5)
+        peft.save_pretrained(tmp_path / name)
+    model = load_model(str(tiny_llama_dir)).eval()
+    served = AdapterSet(model, Config(model=str(tiny_llama_dir)), "base")
+    for name in "ab":
+        served.attach(served.read(name, str(tmp_path / name)))
+    features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
+    adapters = {f.id: ["a", "b", BASE][i % 3] for i, f in enumerate(features)}
+    watch = FactoryDevices(torch.device("cpu"))
+    with watch:
+        predict(model, tokenizer, features, DecodeSettings(512, batch_size=4, max_new_tokens=6), torch.device("cpu"),
+                progress=False, adapters=adapters)
+    assert not watch.wrong, watch.wrong

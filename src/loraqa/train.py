@@ -21,9 +21,9 @@ from loraqa.inference.evaluation import evaluate
 from loraqa.inference.paths import check_support
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log, save_dir_atomic, write_json_atomic
-from loraqa.model.load import load_base, resolve_max_length
-from loraqa.model.lora import ADAPTER_SETTINGS, merge_for_answering, parameter_counts, prepare_model
-from loraqa.model.precision import apply_precision
+from loraqa.model.load import load_base, load_model, resolve_max_length
+from loraqa.model.lora import ADAPTER_SETTINGS, load_adapter, merge_for_answering, parameter_counts, prepare_model
+from loraqa.model.precision import apply_precision, resolve_precision
 from loraqa.model.recompute import enable_gradient_checkpointing
 from loraqa.model.weights import RECORD as WEIGHTS_RECORD
 from loraqa.model.weights import weights_record
@@ -85,9 +85,17 @@ def run_train(config: Config, progress: bool = True) -> dict:
         write_curves(out, history, steps)  # again: a resumed, already finished run calls no on_epoch_end
         save_trained(model, tokenizer, config, max_length, out, weights)
 
-    model = merge_for_answering(model, precision)  # as `loraqa evaluate` answers: its predictions are these
+    # answered as `loraqa evaluate` answers the saved result: its predictions, and serve's, are these
+    answering, answering_why = resolve_precision(config.precision, device, answering=True)
+    if answering == "fp32" and precision != "fp32" and config.method != "span":
+        processes.barrier()  # the saved result is there for every process
+        del model
+        model = saved_for_answering(config, out, device)
+    else:
+        answering, answering_why = precision, why
+        model = merge_for_answering(model, precision)
     predictions, na_probs, metrics = evaluate(model, tokenizer, eval_examples,
-                                              DecodeSettings.from_config(config, max_length), device, precision,
+                                              DecodeSettings.from_config(config, max_length), device, answering,
                                               processes=processes, progress=progress)
     metrics.update(counts)
     train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
@@ -99,13 +107,14 @@ def run_train(config: Config, progress: bool = True) -> dict:
         "gradient_checkpointing": config.gradient_checkpointing, "max_batch_tokens": config.max_batch_tokens,
         "allocator": malloc, "largest_batch_tokens": max(r.get("largest_batch_tokens", 0) for r in history),
         "processes": processes.world, "device": str(device), "precision": precision, "precision_reason": why,
+        "answer_precision": answering, "answer_precision_reason": answering_why,
         "max_length": max_length, "train_peak_memory_mb": train_peak, "peak_memory_mb": peak_memory_mb(device)})
     if processes.is_main:
         write_results(out, predictions, metrics, na_probs)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # complete: adapter/ or model/ holds the result
     tracking.log({"exact_match": metrics["exact_match"], "f1": metrics["f1"]}, step=last_step(steps))
     tracking.finish()
-    processes.barrier()
+    processes.close()
     return metrics
 
 
@@ -127,6 +136,15 @@ def build_features(config: Config, tokenizer, train_examples: list[Example], eva
     if not features:
         raise ValueError(f"no training example fits --max-length {max_length}")
     return features, stats, eval_features
+
+
+def saved_for_answering(config: Config, out: Path, device: torch.device):
+    """The run's saved result (the base + adapter/, or model/), in fp32, merged: what ``loraqa
+    evaluate`` answers with, for a run that trained in another precision."""
+    if config.method == "full":
+        return load_model(str(out / "model")).to(device)
+    base, _, _ = load_base(config)
+    return merge_for_answering(load_adapter(base, out / "adapter", config).to(device), "fp32")
 
 
 def train_precision(model, config: Config, features, pad_id: int, device: torch.device, processes: Processes,

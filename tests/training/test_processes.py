@@ -38,3 +38,24 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
         assert abs(r1["train_loss"] - r2["train_loss"]) < 1e-4 and abs(r1["eval_loss"] - r2["eval_loss"]) < 1e-4
     predictions = [json.loads((tmp_path / run / "predictions.json").read_text()) for run in ("one", "two")]
     assert predictions[0] == predictions[1]
+
+
+CLOSE = """
+import torch.distributed as dist
+from loraqa.training.processes import Processes
+processes = Processes.from_environment()
+assert processes.world == 2 and dist.is_initialized()
+processes.close()
+print("group up" if dist.is_initialized() else "group down", flush=True)
+"""
+
+
+def test_close_takes_the_process_group_down(tmp_path):
+    # left to the interpreter's exit, gloo's threads can outlive it and abort a finished worker
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port()), str(script)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("group down") == 2 and "group up" not in run.stdout, run.stdout

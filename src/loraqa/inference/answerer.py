@@ -39,7 +39,7 @@ def prepare_for_answering(model, tokenizer, settings: DecodeSettings, setting: s
     # a few median prompts: the probe compares precisions, and six prefills of a whole batch take minutes on a CPU
     step = prefill_probe(model, features, min(settings.batch_size, PROBE_ROWS), tokenizer.pad_token_id,
                          device) if features else None
-    precision, why = choose_precision(model, setting, device, step, everything=True)
+    precision, why = choose_precision(model, setting, device, step, everything=True, answering=True)
     model = merge_for_answering(model, precision)  # merged before the rest is stored: see merge_for_answering
     store_frozen_weights(model, precision, everything=True)
     log(f"precision {precision} ({why})")

@@ -36,15 +36,25 @@ def native_bf16(device: torch.device) -> bool:
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
+# why answering on a CPU is fp32 unless told otherwise (measured: docs/speed.md, issue 40)
+ANSWER_IN_FP32 = ("auto: answers in fp32 on a CPU, the same whatever the batch they are decoded in; bf16 "
+                  "(--precision bf16) answered 1.38x faster on SmolLM2 here but moved 6 of 96 answers against "
+                  "fp32, and an answer can move with the batch it lands in")
+
+
 def resolve_precision(precision: str, device: torch.device,
-                      probe: Callable[[str], float] | None = None) -> tuple[str, str]:
+                      probe: Callable[[str], float] | None = None, answering: bool = False) -> tuple[str, str]:
     """(precision, why) for the setting ``precision`` on ``device``.
 
     ``probe(precision)`` returns seconds per step at the run's shapes; with ``auto`` on a CPU
     with native bf16 it is called for fp32 and bf16 and the faster wins (fp32 without a probe).
+    ``answering``: ``auto`` answers in fp32 on a CPU (:data:`ANSWER_IN_FP32`), so evaluate, ask,
+    serve and a merged model give one answer to a question whatever the batch.
     """
     if precision != "auto":
         return precision, "set by --precision"
+    if answering and device.type == "cpu":
+        return "fp32", ANSWER_IN_FP32
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return "bf16", "auto: the GPU computes bf16 natively"
@@ -118,12 +128,12 @@ def probe_precision(model, step: Callable[[str], None], everything: bool = False
 
 
 def choose_precision(model, setting: str, device: torch.device, step: Callable[[str], None] | None = None,
-                     processes=None, everything: bool = False) -> tuple[str, str]:
+                     processes=None, everything: bool = False, answering: bool = False) -> tuple[str, str]:
     """Resolve ``setting`` (probing with ``step`` where ``auto`` needs it) and agree on the main
     process's choice when there are several; the weights are left as they were.
     Returns (precision, why)."""
     probe = probe_precision(model, step, everything) if step is not None else None
-    precision, why = resolve_precision(setting, device, probe)
+    precision, why = resolve_precision(setting, device, probe, answering)
     if processes is not None and processes.world > 1:  # timings differ by process; one choice for all
         chosen = processes.choose(precision, list(DTYPES))
         precision, why = chosen, why if chosen == precision else f"{why}; the main process chose {chosen}"

@@ -86,6 +86,14 @@ class Processes:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
 
+    def close(self) -> None:
+        """Wait for every process, then take the process group down. Left to the interpreter's exit,
+        gloo's threads outlive it: a worker then aborts as it ends ("terminate called without an
+        active exception"), and torchrun reports a finished run as failed."""
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()
+
     def describe(self) -> str:
         """This process's place, and whether it writes the run folder (one line per process)."""
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -1,0 +1,71 @@
+"""One question, one answer, whatever the batch: in the default precision (``--precision auto``), the
+answers of one question set are the same in batches of 1, 3, 8 and 32, through a merged model, and
+from a server asked concurrently (issue 40)."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import make_adapter, request, start_server
+
+from loraqa.config import load_config
+from loraqa.inference.answerer import ask, load_answerer
+from loraqa.inference.server import build_app
+from loraqa.model.lora import merge
+from loraqa.model.precision import native_bf16, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+def test_answers_do_not_depend_on_the_batch_in_the_default_precision(tiny_model_dir, examples, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    settings = {"model": str(tiny_model_dir), "max_new_tokens": 8}  # the default precision: auto
+    answers = [ask(load_config(None, {**settings, "eval_batch_size": size}), str(adapter), examples)
+               for size in (1, 3, 8, 32)]
+    assert all(a == answers[0] for a in answers[1:])
+    merged = merge(load_config(None, settings), str(adapter), str(tmp_path / "merged"))
+    assert ask(load_config(None, {**settings, "model": str(merged)}), None, examples) == answers[0]
+    answerer = load_answerer(load_config(None, settings), str(adapter), examples)
+    url, stop = start_server(build_app(answerer, max_batch_size=8, max_wait_ms=50))
+    try:
+        with ThreadPoolExecutor(len(examples)) as pool:
+            replies = list(pool.map(lambda ex: request(f"{url}/answer", {"context": ex.context,
+                                                                         "question": ex.question}), examples))
+    finally:
+        stop()
+    assert [r[1]["answer"] for r in replies] == [answers[0][ex.id] for ex in examples]
+
+
+@pytest.mark.skipif(not native_bf16(CPU), reason="this CPU has no native bf16 (AMX, AVX-512 BF16): auto answers "
+                                                  "in fp32 here anyway, so there is nothing more to check")
+def test_on_a_cpu_with_native_bf16_auto_answers_in_fp32_and_says_why():
+    precision, why = resolve_precision("auto", CPU, answering=True)
+    assert precision == "fp32" and "--precision bf16" in why and "batch" in why
+    assert resolve_precision("bf16", CPU, answering=True) == ("bf16", "set by --precision")  # asked for: given
+
+
+def test_a_run_trained_in_bf16_scores_the_answers_evaluate_gives(tiny_model_dir, tmp_path, monkeypatch):
+    """Where training ran in bf16 (auto may choose it on a CPU with native bf16), the run's own
+    evaluation answers as `loraqa evaluate` of its adapter does, in the default answering precision."""
+    import json
+
+    from conftest import SQUAD
+
+    from loraqa import train
+    from loraqa.cli import main
+    from loraqa.model.precision import store_frozen_weights
+
+    def in_bf16(model, setting, device, **kwargs):  # as auto's probe would choose on such a CPU
+        store_frozen_weights(model, "bf16")
+        return "bf16", "the test's choice"
+
+    monkeypatch.setattr(train, "apply_precision", in_bf16)
+    flags = ["--model", str(tiny_model_dir), "--eval-file", str(SQUAD), "--max-length", "128", "--max-new-tokens", "6",
+             "--quiet"]
+    assert main(["train", *flags, "--train-file", str(SQUAD), "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["precision"], metrics["answer_precision"]) == ("bf16", "fp32")
+    assert main(["evaluate", *flags, "--adapter", str(tmp_path / "run" / "adapter"), "--output-dir",
+                 str(tmp_path / "ev")]) == 0
+    run, ev = (json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("run", "ev"))
+    assert run == ev
