@@ -296,7 +296,9 @@ COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_ev
             "serve": cmd_serve}
 # jemalloc for the commands that train (glibc's heap fragments under gradient checkpointing); answering
 # is faster on glibc with freed memory kept: docs/design-notes.md
-TRAINS = {"quickstart", "train", "compare"}
+# run again under jemalloc where the system has it (runtime.py): training's peak memory; a server's
+# memory flat over hours (docs/serve.md: +2.6% over a 10-minute soak, +10.0% on glibc)
+ON_JEMALLOC = {"quickstart", "train", "compare", "serve"}
 
 
 def interrupted(e: KeyboardInterrupt) -> str:
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     # PEFT calls a transformers property that transformers deprecated; the warning is not the user's
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    if argv is None and args.command in TRAINS:  # the command line: the same command under jemalloc (runtime.py)
+    if argv is None and args.command in ON_JEMALLOC:  # the command line: the same command under jemalloc
         run_under_jemalloc([sys.executable, "-m", "loraqa.cli", *sys.argv[1:]])
     keep_freed_memory()
     try:

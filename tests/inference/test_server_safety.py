@@ -1,6 +1,7 @@
 """A server a team can share: API key, Host names, content type, any oversized body, a time limit,
 and SIGTERM with requests in flight. Real uvicorn servers on 127.0.0.1 only."""
 
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ from loraqa.data.squad import load_squad_file
 from loraqa.inference.access import Access, host_names
 from loraqa.inference.answerer import Answerer, load_answerer
 from loraqa.inference.server import build_app
+from loraqa.runtime import allocator
 from conftest import request, start_server
 
 QUESTION = {"context": "The mill was rebuilt in 1887 by the Müller family.", "question": "Who rebuilt the mill?"}
@@ -102,16 +104,20 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(tiny_model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "loraqa.cli", "serve", "--model", str(tiny_model_dir),
                              "--port", str(port), "--precision", "fp32", "--max-new-tokens", "5",
                              "--max-wait-ms", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "LORAQA_API_KEY"})
+                            env={k: v for k, v in os.environ.items() if k not in ("LORAQA_API_KEY", "LORAQA_ALLOCATOR")})
     try:
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
             try:
-                if request(f"{url}/health")[0] == 200:
+                status, health = request(f"{url}/health")
+                if status == 200:
                     break
             except OSError:
                 time.sleep(0.1)
+        # the command runs itself again under jemalloc where the system has it: a server's memory stays flat
+        here = allocator()  # a preloaded malloc is kept; glibc is replaced where jemalloc is installed
+        assert health["allocator"] == ("jemalloc" if here == "glibc" and ctypes.util.find_library("jemalloc") else here)
         with ThreadPoolExecutor(4) as pool:  # a batch waits 3 s for company: SIGTERM comes while it waits
             replies = [pool.submit(request, f"{url}/answer", {**QUESTION, "question": q})
                        for q in ("Who rebuilt the mill?", "When?", "What burned?", "Who?")]

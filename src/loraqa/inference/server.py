@@ -55,6 +55,7 @@ from loraqa.inference.request import (MAX_PROMPT_TOKENS, RequestError, check_fit
                                       parse_questions, prompt_feature, read_body)
 from loraqa.io import log
 from loraqa.model.adapters import read_adapter_flags
+from loraqa.runtime import allocator
 
 PAGE = (files("loraqa.inference") / "page.html").read_text(encoding="utf-8")  # GET /: a page to ask from
 
@@ -312,7 +313,7 @@ def build_app(answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float =
         return JSONResponse({"status": "ok", "model": answerer.name, "models": models(),
                              "precision": answerer.precision, "max_length": answerer.settings.max_length,
                              "batches": batcher.batches, "questions": batcher.questions, "waiting": batcher.size(),
-                             "api_key": access.key is not None})
+                             "api_key": access.key is not None, "allocator": allocator()})
 
     async def page(request):
         if refused := refusal(request, access, "open"):
