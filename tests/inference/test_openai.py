@@ -269,6 +269,8 @@ def test_a_long_prompt_and_a_stalled_body_are_refused_with_the_numbers(config, e
                          b"Content-Length: 100\r\n\r\n{\"context\"")
             start = time.monotonic()
             reply = _read_response(sock)
+            sock.settimeout(3)  # closed with the 408, not kept alive for another request (uvicorn's 5 s)
+            assert sock.recv(1) == b""
         assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply
         assert time.monotonic() - start < 30  # cut at its deadline, not held open
     finally:

@@ -127,9 +127,11 @@ def build_app(answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float =
 
     def error(e: RequestError, openai: bool = False) -> JSONResponse:
         metrics.status(e.status)
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+        if e.status in (408, 413):  # a body left unread: the connection cannot carry another request
+            headers["Connection"] = "close"
         body = openai_api.OpenAIError(e.status, e.reason).body() if openai else {"error": e.reason}
-        return JSONResponse(body, status_code=e.status, headers=headers)
+        return JSONResponse(body, status_code=e.status, headers=headers or None)
 
     def failure(e: Exception, openai: bool = False) -> JSONResponse:
         """A 500 naming an id; the log line holds the exception (its text never reaches a client)."""
