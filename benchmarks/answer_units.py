@@ -21,18 +21,12 @@ import dataclasses
 import time
 
 import torch
+from llama_cpp_side import cpu_name  # benchmarks/, beside this file
 
 from loraqa.config import load_config
 from loraqa.data.load import load_file
 from loraqa.inference.answerer import load_answerer
 from loraqa.scoring.score import score
-
-
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 @contextlib.contextmanager

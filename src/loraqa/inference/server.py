@@ -131,7 +131,7 @@ def build_app(answerer: Answerer, max_batch_size: int = 32, max_wait_ms: float =
         if e.status in (408, 413):  # a body left unread: the connection cannot carry another request
             headers["Connection"] = "close"
         body = openai_api.OpenAIError(e.status, e.reason).body() if openai else {"error": e.reason}
-        return JSONResponse(body, status_code=e.status, headers=headers or None)
+        return JSONResponse(body, status_code=e.status, headers=headers)
 
     def failure(e: Exception, openai: bool = False) -> JSONResponse:
         """A 500 naming an id; the log line holds the exception (its text never reaches a client)."""
