@@ -119,7 +119,8 @@ def training(device: torch.device, tokenizer, examples) -> dict:
 def adapters(device: torch.device, tokenizer, examples, folder) -> dict:
     from conftest import build_tiny_model
 
-    from loraqa.model.adapters import BASE, AdapterSet
+    from loraqa.model.adapters import AdapterSet
+    from loraqa.model.multilora import BASE
 
     for seed, name in enumerate("ab", 1):
         torch.manual_seed(seed)
@@ -130,16 +131,16 @@ def adapters(device: torch.device, tokenizer, examples, folder) -> dict:
         peft.save_pretrained(f"{folder}/{name}")
     model = build_tiny_model("llama")[0].to(device).eval()
     served = AdapterSet(model, Config(model="tiny"), "tiny")
-    for name in "ab":
-        served.attach(served.read(name, f"{folder}/{name}"))
+    handles = {name: served.attach(served.read(name, f"{folder}/{name}")) for name in "ab"}
+    handles[BASE] = BASE
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 8)
     settings = DecodeSettings(512, batch_size=4, max_new_tokens=8)
-    mixed_names = {f.id: ["a", "b", BASE][i % 3] for i, f in enumerate(features)}
+    mixed_names = {f.id: [handles["a"], handles["b"], BASE][i % 3] for i, f in enumerate(features)}
     watch = FactoryDevices(device)
     with watch:
         mixed = predict(model, tokenizer, features, settings, device, progress=False, adapters=mixed_names)
     same = 0
-    for name in ("a", "b", BASE):
+    for name in handles.values():
         alone = predict(model, tokenizer, features, settings, device, progress=False,
                         adapters={f.id: name for f in features})
         same += sum(mixed[f.id] == alone[f.id] for f in features if mixed_names[f.id] == name)

@@ -110,12 +110,13 @@ def examples():
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"needs the shared data folder at {SHARED}")
 
 
-def make_adapter(tiny_model_dir, folder):
-    """A saved LoRA adapter on the tiny GPT-2 whose B matrices are not zero (so it changes the outputs)."""
+def make_adapter(tiny_model_dir, folder, seed: int = 0):
+    """A saved LoRA adapter (the model's default targets) on the tiny model in ``tiny_model_dir``
+    whose B matrices are not zero (so it changes the outputs), seeded."""
     from loraqa.model.load import load_model
     from loraqa.model.lora import add_lora
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = add_lora(load_model(str(tiny_model_dir)), lora_dropout=0.0)
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -161,3 +162,20 @@ def request(url: str, body: bytes | dict | None = None, headers: dict | None = N
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def save_family_adapter(family, tokenizer, folder, seed: int, targets="all-linear") -> str:
+    """An ``all-linear`` LoRA of ``family`` with non-zero B (seeded), saved to ``folder``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    model = family.build(tokenizer)
+    torch.manual_seed(seed)
+    conv = any(isinstance(m, Conv1D) for m in model.modules())
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8.0, target_modules=targets, lora_dropout=0.0,
+                                            fan_in_fan_out=conv))
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    peft.save_pretrained(folder)
+    return str(folder)

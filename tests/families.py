@@ -13,7 +13,7 @@ MAX_LENGTH = 1024  # the tests' prompt + answer budget: every window below is co
 BASE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
         "intermediate_size": 128, "max_position_embeddings": 1024}
 SHORT = 48    # a sliding window shorter than every prompt
-MIXED = 520   # one some prompts fit and others do not (the prompts run from ~460 to ~600 tokens)
+MIXED = 581   # one some prompts fit and others do not (two passages' prompts fit, the third's in part)
 MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
 
 
@@ -26,6 +26,15 @@ class Family:
     path: str = "shared"                  # the path model.support picks
     window: int | None = None             # the smallest sliding window (questions longer go to generate)
     layer_types: list[str] | None = field(default=None)
+    rope_limit: int | None = None         # where its rope scaling changes with the sequence (longer go to generate)
+    # Gemma-2/3 multiply embeddings by sqrt(width) and norm each block's output: at the tests' init the
+    # last token's embedding drowns the passage and every prompt gets one answer; smaller, it does not
+    embedding_scale: float = 1.0
+
+    @property
+    def longest(self) -> int | None:
+        """The longest question (prompt + answer) the fast paths take."""
+        return min((n for n in (self.window, self.rope_limit) if n is not None), default=None)
 
     def config(self, vocab_size: int, eos_id: int):
         from transformers import AutoConfig
@@ -40,7 +49,10 @@ class Family:
 
         torch.manual_seed(0)
         config = self.config(len(tokenizer), tokenizer.eos_token_id)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(self.embedding_scale)
+        return model
 
 
 SLIDING_FULL = ["sliding_attention", "full_attention"]
@@ -70,13 +82,13 @@ FAMILIES = [
     Family("gemma", "gemma", {**BASE, "head_dim": 16}, "scaled embeddings, tied head, GELU"),
     Family("gemma2", "gemma2", {**BASE, "head_dim": 16, "sliding_window": 4096}, "soft-capped attention and "
            "logits (eager attention: the model's own function), alternating sliding layers", path="copies",
-           window=4096, layer_types=SLIDING_FULL),
+           window=4096, layer_types=SLIDING_FULL, embedding_scale=0.03),
     Family("gemma2-short-window", "gemma2", {**BASE, "head_dim": 16, "sliding_window": SHORT},
            "soft-capping with a window shorter than every prompt", path="copies", window=SHORT,
-           layer_types=SLIDING_FULL),
-    Family("gemma3-text", "gemma3_text", {**BASE, "head_dim": 16, "sliding_window": MIXED},
+           layer_types=SLIDING_FULL, embedding_scale=0.03),
+    Family("gemma3-text", "gemma3_text", {**BASE, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": MIXED},
            "q/k norms, local and global rotary bases, a window some prompts exceed", window=MIXED,
-           layer_types=SLIDING_FULL),
+           layer_types=SLIDING_FULL, embedding_scale=0.03),
     Family("olmo2", "olmo2", BASE, "norms after attention and MLP, q/k norms"),
     Family("gpt-neox", "gpt_neox", {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
                                     "intermediate_size": 128, "max_position_embeddings": 1024},
@@ -91,6 +103,21 @@ FAMILIES = [
     Family("biogpt", "biogpt", {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
                                 "intermediate_size": 128, "max_position_embeddings": 1024},
            "attention that takes no registered function", path="copies"),
+    Family("gpt-neo", "gpt_neo", {"hidden_size": 64, "num_heads": 4, "num_layers": 2, "intermediate_size": 128,
+                                  "max_position_embeddings": 1024, "attention_types": [[["global", "local"], 1]],
+                                  "window_size": MIXED},
+           "local layers masked by a buffer made at load from window_size (read by cache slot), a window some "
+           "prompts exceed; attention that takes no registered function", path="copies", window=MIXED),
+    Family("phi3-longrope", "phi3", {**BASE, "max_position_embeddings": 4096, "original_max_position_embeddings": MIXED,
+                                     "sliding_window": None,
+                                     "rope_parameters": {"rope_type": "longrope", "factor": 4096 / MIXED,
+                                                         "short_factor": [1.0 + i / 8 for i in range(8)],
+                                                         "long_factor": [1.0 + i for i in range(8)]}},
+           "LongRoPE (Phi-3-128k): every row takes the long factors once one passes original_max_position_embeddings, "
+           "which some prompts do (those go to generate)", rope_limit=MIXED),
+    Family("llama-dynamic-rope", "llama", {**BASE, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}},
+           "dynamic NTK rope: the frequencies change past max_position_embeddings, which --max-length never passes",
+           rope_limit=BASE["max_position_embeddings"]),
     Family("bloom", "bloom", {"hidden_size": 64, "n_head": 4, "n_layer": 2},
            "ALiBi from the attention mask, no position ids: transformers' generate answers", path="generate"),
 ]

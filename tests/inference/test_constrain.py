@@ -57,13 +57,15 @@ def test_serve_holds_answers_as_ask_does(tiny_model_dir, examples):
 
     from loraqa.config import load_config
     from loraqa.inference.answerer import ask, load_answerer
-    from loraqa.inference.server import build_app
+    from loraqa.serve.app import build_app
+    from loraqa.serve.service import Limits
 
     config = load_config(None, {"model": str(tiny_model_dir), "precision": "fp32", "max_new_tokens": 6,
                                 "constrain_to_context": True})
     expected = ask(config, None, examples)
     assert all(_squash(a) in _squash(ex.context) for ex, a in zip(examples, expected.values()))
-    url, stop = start_server(build_app(load_answerer(config, None, examples), max_batch_size=8, max_wait_ms=20))
+    answerer = load_answerer(config, None, examples)
+    url, stop = start_server(build_app(answerer, Limits(max_batch_size=8, max_wait_ms=20)))
     try:
         status, reply = request(f"{url}/answer", {"questions": [{"context": ex.context, "question": ex.question}
                                                                 for ex in examples]})

@@ -96,3 +96,21 @@ def test_passages_read_once_decode_as_copies_in_every_row(arch, tiny_model_dir, 
     assert not widths  # the copies' path: transformers' own attention
     assert shared == copied and set(shared) == set(range(2 * n))
     assert len({len(t) for t in shared.values()}) > 1
+
+
+def test_a_row_whose_listener_is_gone_ends_at_its_next_token(tiny_model, tokenizer, examples):
+    """``on_token`` returning true (a streaming client went away) ends that row there; the others
+    decode exactly as they would."""
+    batches, n = _two_batches(tokenizer, examples)
+    model = tiny_model.eval()
+    full, _ = _run(model, batches[:1], [-1], False, None)
+    heard = []
+
+    def on_token(tag, token):
+        heard.append(tag)
+        return tag == 0  # row 0's client is gone after its first token
+
+    with torch.inference_mode():
+        out = {tag: tokens for tag, tokens, _ in decode(model, batches[:1], 8, torch.tensor([-1]), on_token=on_token)}
+    assert out[0] == full[0][:1] and heard.count(0) == 1
+    assert all(out[t] == full[t] for t in range(1, n)) and all(len(full[t]) == 8 for t in range(n))

@@ -29,14 +29,20 @@ def _both(model, tokenizer, examples, **options):
 
 @pytest.mark.parametrize("rules", ["none", "held to the passage", "no-answer threshold"])
 def test_generate_each_follows_the_decoders_rules(tiny_model, tokenizer, examples, rules):
-    options = {}
+    options, abstain = {}, None
     if rules == "held to the passage":
         options["choose"] = ContextConstraint(tokenizer, [ex.context for ex in examples])
-    if rules == "no-answer threshold":
+    if rules == "no-answer threshold":  # between the rows' p(EOS): half of them above it
         eos = tokenizer.eos_token_id
-        options.update(watch_id=eos, na_thresh=0.0)  # every question abstains exactly where p(EOS) > 0
+        watched, _ = _both(tiny_model.eval(), tokenizer, examples, watch_id=eos)
+        probs = sorted(p for _, p in watched.values())
+        options.update(watch_id=eos, na_thresh=(probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2)
+        abstain = {t for t, (_, p) in watched.items() if p > options["na_thresh"]}
     batched, alone = _both(tiny_model.eval(), tokenizer, examples, **options)
     assert [alone[t][0] for t in sorted(alone)] == [batched[t][0] for t in sorted(batched)]
+    if abstain is not None:  # EOS first exactly above the threshold, though it is never the argmax here
+        assert 0 < len(abstain) < len(batched)
+        assert {t for t, (tokens, _) in batched.items() if tokens[0] == eos} == abstain
     for t in batched:
         assert (alone[t][1] is None) == (batched[t][1] is None)
         if batched[t][1] is not None:

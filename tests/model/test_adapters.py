@@ -9,7 +9,8 @@ import torch
 from conftest import build_tiny_model
 
 from loraqa.config import Config
-from loraqa.model.adapters import BASE, AdapterSet, read_adapter_flags, routing
+from loraqa.model.adapters import AdapterSet, read_adapter_flags
+from loraqa.model.multilora import BASE, routing
 
 
 def _save(model_dir_model, folder, seed: int, **lora):
@@ -53,7 +54,7 @@ def test_each_row_of_a_mixed_batch_is_its_adapter_alone(arch, tmp_path):
     with torch.no_grad():
         plain = model(input_ids=ids).logits
         for names in (["a", "b", "c", BASE], ["b", "b", "b", "b"], ["c", BASE, "c", BASE]):  # stack, slice, gathers
-            with routing(model, names):
+            with routing(model, [served.handle(n) if n != BASE else n for n in names]):
                 mixed = model(input_ids=ids).logits  # a prefill: 9 tokens a row
                 step = model(input_ids=ids[:, :1]).logits  # a decoding step's shape: one token a row
             for row, name in enumerate(names):
@@ -70,12 +71,11 @@ def test_a_detached_adapter_leaves_the_others_as_they_were(tmp_path):
     for name, path in paths.items():
         served.attach(served.read(name, path))
     ids = torch.randint(1, 300, (2, 5))
-    with torch.no_grad(), routing(model, ["b", BASE]):
+    with torch.no_grad(), routing(model, [served.handle("b"), BASE]):
         before = model(input_ids=ids).logits
-    served.retire("a")
-    served.detach("a")
+    served.detach(served.retire("a"))
     assert served.names == ["b"]
-    with torch.no_grad(), routing(model, ["b", BASE]):
+    with torch.no_grad(), routing(model, [served.handle("b"), BASE]):
         torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
@@ -100,7 +100,7 @@ def test_what_cannot_share_the_base_is_refused_in_one_line(tmp_path):
     (tmp_path / "other").mkdir()
     other = _save(build_tiny_model("llama"), tmp_path / "other", 2)
     (tmp_path / "other" / "loraqa.json").write_text(json.dumps({"template": "Q: {question} C: {context} A:"}))
-    with pytest.raises(ValueError, match="other prompt settings \\(template\\)"):
+    with pytest.raises(ValueError, match="other prompt settings than this server answers with \\(template "):
         served.read("other", other)
 
 
@@ -111,3 +111,29 @@ def test_adapter_flags_one_plain_path_or_names():
         read_adapter_flags(["a=runs/a", "runs/b"])
     with pytest.raises(ValueError, match="given twice"):
         read_adapter_flags(["a=x", "a=y"])
+
+
+def test_a_model_whose_layer_sees_a_subset_of_tokens_is_never_mixed(tmp_path):
+    """A layer given some of the tokens (a mixture of experts' routed expert) cannot be told which row
+    each is: the set finds it when the adapter is attached, says why, and a mixed forward refuses."""
+    from torch import nn
+
+    from loraqa.model.adapters import ReadAdapter
+    from loraqa.model.multilora import UnroutableMix
+
+    class Subset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+        def forward(self, input_ids, use_cache=False):
+            return self.proj(self.embed(input_ids).reshape(-1, 8)[::2])  # every other token
+
+    model = Subset().eval()
+    served = AdapterSet(model, Config(model="tiny"), "tiny")
+    handle = served.attach(ReadAdapter("a", str(tmp_path), {"proj": (torch.ones(2, 8), torch.ones(8, 2), 1.0)}))
+    assert not served.mixable and "tokens for 2 rows" in served.why_not_mixable
+    with torch.no_grad(), routing(model, [handle, BASE]), pytest.raises(UnroutableMix):
+        model(torch.ones(2, 3, dtype=torch.long))
+    with torch.no_grad(), routing(model, [handle, handle]):  # one adapter for every row: no routing needed
+        model(torch.ones(2, 3, dtype=torch.long))

@@ -40,6 +40,44 @@ def test_auto_on_a_native_bf16_cpu_picks_the_faster(monkeypatch, fp32_ms, bf16_m
     assert f"fp32 {fp32_ms} ms/step" in why and f"bf16 {bf16_ms} ms/step" in why
 
 
+@pytest.mark.parametrize("bf16_ms, expected", [(95, "fp32"), (70, "bf16")])
+def test_auto_takes_bf16_only_when_the_probe_finds_it_clearly_faster(monkeypatch, bf16_ms, expected):
+    """A few timed steps carry noise: bf16 5% faster is noise (fp32), 30% faster is not (bf16)."""
+    monkeypatch.setattr(P, "native_bf16", lambda device: True)
+    timings = {"fp32": 0.100, "bf16": bf16_ms / 1000}
+    precision, why = P.resolve_precision("auto", CPU, timings.__getitem__)
+    assert precision == expected
+    assert "fp32 100 ms/step" in why and f"bf16 {bf16_ms} ms/step" in why
+    assert f"{100 - bf16_ms}% faster" in why and f"at least {P.BF16_MARGIN:.0%} faster" in why
+
+
+def test_the_probe_times_the_median_of_its_repeats(monkeypatch):
+    """One slow step among the repeats (a page fault, another process) does not move the timing."""
+    clock = {"now": 0.0}
+    durations = iter([5.0, 1.0, 10.0, 1.0])  # a warm-up, then the repeats
+    monkeypatch.setattr(P.time, "perf_counter", lambda: clock["now"])
+
+    def step():
+        clock["now"] += next(durations)
+
+    assert P.time_steps(step, repeats=3) == 1.0
+
+
+def test_auto_answers_in_fp32_on_a_gpu_too_and_trains_in_bf16(monkeypatch):
+    """Answering's auto is fp32 on a GPU as on a CPU: one answer whatever the batch (bf16 also ran
+    slower on an H200); training's auto on a GPU keeps bf16. No CUDA is needed: nothing runs on it."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    gpu = torch.device("cuda")
+
+    def probe(precision):
+        raise AssertionError("answering's auto needs no probe")
+
+    precision, why = P.resolve_precision("auto", gpu, probe, answering=True)
+    assert precision == "fp32" and "GPU" in why and "batch" in why and "--precision bf16" in why
+    assert P.resolve_precision("auto", gpu) == ("bf16", "auto: the GPU computes bf16 natively")
+    assert P.resolve_precision("bf16", gpu, answering=True) == ("bf16", "set by --precision")
+
+
 def test_bf16_stores_frozen_weights_once_and_keeps_lora_and_embeddings_fp32(tiny_model):
     model = add_lora(tiny_model, target_modules=["c_attn"], lora_dropout=0.0)
     lm = model.get_base_model()

@@ -11,6 +11,7 @@ from loraqa.model.lora import add_lora
 from loraqa.model.load import load_model
 from loraqa.model.recompute import enable_gradient_checkpointing
 from loraqa.training.loop import train
+from loraqa.training.processes import Processes
 
 CPU = torch.device("cpu")
 
@@ -132,6 +133,94 @@ def test_a_kill_while_a_checkpoint_is_deleted_never_leaves_it_half_there(tiny_mo
                 "manifest.json"}
     listed = list_checkpoints(tmp_path)
     assert listed and all({p.name for p in c.iterdir()} == complete for c in listed), listed
+
+
+def _parts(tiny_model_dir):
+    """What a checkpoint saves: model, optimizer, scheduler, scaler."""
+    model = add_lora(load_model(str(tiny_model_dir)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
+
+
+def _save(folder, step, parts, keep=2):
+    import dataclasses
+
+    from loraqa.training.checkpoint import save_checkpoint
+    from loraqa.training.loop import LoopState
+
+    save_checkpoint(folder, step, *parts, dataclasses.asdict(LoopState(step=step)), keep=keep)
+
+
+def test_a_kill_between_moving_a_step_aside_and_renaming_its_new_save_in_leaves_one_to_resume(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """keep_checkpoints 1 and a step saved again (an epoch's end): the first save is renamed aside,
+    not deleted, until the new one is in; a kill between leaves it where a resume finds it."""
+    from pathlib import Path
+
+    from loraqa.training.loop import resume
+    from loraqa.training.processes import Processes
+
+    parts = _parts(tiny_model_dir)
+    _save(tmp_path, 1, parts, keep=1)
+    real_rename = Path.rename
+
+    def killed_before_the_new_save_is_in(self, target):
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt("killed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_before_the_new_save_is_in)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 1, parts, keep=1)
+    monkeypatch.undo()
+    state = resume(tmp_path, *parts, Processes.single())
+    assert state is not None and state.step == 1
+    _save(tmp_path, 1, parts, keep=1)  # the next save puts the step back under its own name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+
+
+class _TwoProcesses(Processes):
+    """Process 0 of two; the collectives bring back ``other``, process 1's view of the checkpoints
+    (what it can read), and no failure from it."""
+
+    def __init__(self, other: dict) -> None:
+        super().__init__(None)
+        self.world, self.other = 2, other
+
+    def gather(self, items: list) -> list:
+        return list(items) + [self.other]
+
+    def sum(self, tensor):
+        return tensor
+
+
+def test_every_process_resumes_the_newest_checkpoint_all_of_them_can_read(tiny_model_dir, tmp_path, capsys):
+    """Process 1 cannot read the newest checkpoint: process 0, which can, takes the one before too."""
+    from loraqa.training.loop import resume
+
+    parts = _parts(tiny_model_dir)
+    _save(tmp_path, 1, parts)
+    _save(tmp_path, 2, parts)
+    capsys.readouterr()
+    state = resume(tmp_path, *parts, _TwoProcesses({1: None, 2: "rng-1.pt is missing"}))
+    assert state is not None and state.step == 1
+    err = capsys.readouterr().err
+    assert "checkpoint step-00000002 is damaged (process 1: rng-1.pt is missing; set aside as" in err
+
+
+def test_the_checkpoint_to_resume_is_decided_from_every_process_view():
+    from loraqa.training.checkpoint import agree_on_checkpoint
+
+    assert agree_on_checkpoint([{3: None, 4: None}, {3: None, 4: None}]) == (4, {})
+    assert agree_on_checkpoint([{3: None, 4: None}, {3: None, 4: "rng-1.pt is missing"}]) == (
+        3, {4: "process 1: rng-1.pt is missing"})
+    assert agree_on_checkpoint([{3: None, 4: None}, {3: None}]) == (3, {4: "process 1: not found"})
+    assert agree_on_checkpoint([{4: "no readable manifest.json (FileNotFoundError)"}]) == (
+        None, {4: "no readable manifest.json (FileNotFoundError)"})
+    assert agree_on_checkpoint([{}, {}]) == (None, {})
+    with pytest.raises(ValueError, match=r"step-00000004 was saved by fewer processes \(no rng-1.pt\); resume with as"):
+        agree_on_checkpoint([{4: None}, {4: "saved by fewer processes (no rng-1.pt)"}])
 
 
 def test_the_manifest_holds_each_files_size_and_sha256(tiny_model_dir, tokenizer, examples, tmp_path):

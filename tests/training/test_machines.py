@@ -20,7 +20,10 @@ from conftest import SQUAD, free_port
 TIMEOUT = 240  # seconds any one launch may take
 # a fresh rendezvous store each round: torchrun's shared one keeps the last round's keys, and a
 # restarted worker may read its lost peer's old address from them (docs/machines.md)
-AGENT_ENV = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# one thread each everywhere: torchrun sets OMP_NUM_THREADS=1 for several processes a machine and
+# leaves it alone for one, and another thread count sums a product in another order (the last bits
+# of an adapter differed on a 2-core AMD EPYC)
+AGENT_ENV = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _flags(model_dir, out: Path, epochs: int = 2) -> list[str]:
@@ -97,7 +100,7 @@ def test_two_machines_train_as_one_machine_with_two_processes(two_machines, tiny
     one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(free_port()), *_flags(tiny_model_dir, tmp_path / "one",
                                                                                     epochs=4)],
-                         capture_output=True, text=True, timeout=TIMEOUT)
+                         capture_output=True, text=True, timeout=TIMEOUT, env=AGENT_ENV)
     assert one.returncode == 0, one.stderr[-3000:]
     _same_adapter(_adapter(out), _adapter(tmp_path / "one"))  # a local-rank split would differ: both local 0
     assert (out / "predictions.json").read_text() == (tmp_path / "one" / "predictions.json").read_text()

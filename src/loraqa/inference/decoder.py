@@ -27,11 +27,11 @@ import torch
 from torch.profiler import record_function
 from transformers import StaticCache
 
-from loraqa.model.adapters import routing
-from loraqa.model.load import cache_kwarg
+from loraqa.model.multilora import routing
+from loraqa.model.load import base_model, cache_kwarg
 from loraqa.model.prefix import KVPool, positions_after, prefill_runs, prefix_positions, spread_static, static_cache
 from loraqa.model.prefix_attention import SharedPrefix, prefix_attention
-from loraqa.model.support import DecodingSupport, base_model, decoding_support, windows_lifted
+from loraqa.model.support import DecodingSupport, decoding_support, windows_lifted
 
 CARRY_SHARE = 4  # a batch hands its rows on to the next once at most 1/CARRY_SHARE of them are left
 
@@ -95,7 +95,8 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     With ``na_thresh`` (and ``watch_id``), the first token is ``watch_id`` exactly where its
     probability is above ``na_thresh``, and elsewhere the likeliest other token: the threshold, not
     the argmax, decides whether to answer. ``carry=False`` decodes each batch to its end alone.
-    ``on_token(tag, token)`` hears each row's tokens as they are chosen (a server's stream).
+    ``on_token(tag, token)`` hears each row's tokens as they are chosen (a server's stream); when it
+    returns true, the row ends there (its client is gone: the row's slot goes to the rows left).
     ``support`` (``model.support``; by default the model's own) says whether passages are read once
     (the ``shared`` path) or copied into each row (``copies``), and whether windows are lifted: every
     prompt here must fit the model's smallest window, prompt and answer (``DecodingSupport.fits``).
@@ -270,9 +271,8 @@ def _ended(live: Live, next_ids: torch.Tensor, stops: set, max_new_tokens: int, 
     going = [i for i in range(len(live.tags)) if i not in rows]
     for i, t in zip(rows, next_ids.tolist()):
         live.made[i].append(t)
-        if on_token is not None:
-            on_token(live.tags[i], t)
-        if t in stops or len(live.made[i]) == max_new_tokens:
+        gone = on_token is not None and on_token(live.tags[i], t)  # its listener left: the row ends here
+        if gone or t in stops or len(live.made[i]) == max_new_tokens:
             yield live.tags[i], live.made[i], live.watched[i]
         else:
             going.append(i)

@@ -18,6 +18,7 @@ from loraqa.inference.paths import check_support
 from loraqa.inference.reference import generate_each
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
+from loraqa.model.load import base_model
 from loraqa.model.precision import autocast
 from loraqa.model.prefix import KVPool
 
@@ -37,7 +38,7 @@ def prefill_probe(model, features: list[Feature], batch_size: int, pad_id: int, 
     batch = median_batch(features, batch_size, pad_id)
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base_model(model)
     # a span head (``--method span``) scores every position: it takes no logits_to_keep
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(lm).forward).parameters else {}
 
@@ -53,6 +54,21 @@ def prefill_probe(model, features: list[Feature], batch_size: int, pad_id: int, 
 def answer_text(tokenizer, tokens: list[int]) -> str:
     """A row's answer: its tokens' text (up to its stop token, which may carry text), one stripped line."""
     return cut_answer(tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def split_by_path(model, features: list[Feature], pad_id: int, max_new_tokens: int, route: dict | None = None):
+    """(the model's checked path, the questions it takes, those transformers' ``generate`` answers
+    one at a time: all of them for a model only it answers exactly, else those longer than a window)."""
+    support = check_support(model, features, pad_id, max_new_tokens)
+    takes = [support.path != "generate" and support.fits(f.n_prompt + max_new_tokens) for f in features]
+    fast = [f for f, t in zip(features, takes) if t]
+    slow = [f for f, t in zip(features, takes) if not t]
+    if slow:
+        why = support.why if support.path == "generate" else support.too_long()
+        log(f"{len(slow)} of {len(features)} questions answered by transformers' generate, one at a time ({why})")
+    if route is not None:
+        route.update({"path": support.path, "fast": len(fast), "generate": len(slow)})
+    return support, fast, slow
 
 
 def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings, device: torch.device,
@@ -92,15 +108,7 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
     where = {f.id: i for i, f in enumerate(features)}
     choose = (ContextConstraint(tokenizer, [contexts[f.id] for f in features]) if settings.constrain_to_context
               else None)
-    support = check_support(model, features, tokenizer.pad_token_id, max_new_tokens)
-    takes = [support.path != "generate" and support.fits(f.n_prompt + max_new_tokens) for f in features]
-    fast = [f for f, t in zip(features, takes) if t]
-    slow = [f for f, t in zip(features, takes) if not t]
-    if slow:
-        why = support.why if support.path == "generate" else f"longer than the model's {support.window}-token window"
-        log(f"{len(slow)} of {len(features)} questions answered by transformers' generate, one at a time ({why})")
-    if route is not None:
-        route.update({"path": support.path, "fast": len(fast), "generate": len(slow)})
+    support, fast, slow = split_by_path(model, features, tokenizer.pad_token_id, max_new_tokens, route)
 
     def batches():
         for groups in shared_prefix_batches(fast, settings.batch_size, settings.batch_tokens, max_new_tokens,

@@ -10,6 +10,8 @@ one (shared -> copies -> generate), said in one log line; the decision is kept o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from loraqa.data.batching import collate_shared_prefix, shared_prefix_batches
@@ -17,7 +19,8 @@ from loraqa.data.features import Feature
 from loraqa.inference.decoder import Batch, decode
 from loraqa.inference.reference import greedy_only
 from loraqa.io import log
-from loraqa.model.support import DecodingSupport, base_model, decoding_support
+from loraqa.model.load import base_model
+from loraqa.model.support import DecodingSupport, decoding_support
 
 CHECKED = "_loraqa_decoding"  # the attribute that keeps a model's checked path
 CHECK_QUESTIONS = 3
@@ -54,7 +57,7 @@ def check_support(model, features: list[Feature], pad_id: int, max_new_tokens: i
             log(f"answering: {type(lm).__name__} is answered by the {support.path} path ({support.why})")
     finally:
         model.train(was)
-    support = DecodingSupport(support.path, support.why, support.window, checked=True)
+    support = replace(support, checked=True)
     setattr(lm, CHECKED, support)
     return support
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from loraqa.model.adapters import routing
+from loraqa.model.multilora import routing
 
 
 class _Rules(LogitsProcessor):

@@ -2,44 +2,37 @@
 start or while serving, and answered together, rows of different adapters in one batch.
 
 PEFT reads an adapter (its config and weights, ``load_peft_weights``) and says each layer's scale
-(``rank_pattern``, ``alpha_pattern``, rsLoRA). The layers they target are wrapped in a
-:class:`MultiLoRA`, which holds every adapter's A stacked, (K r, in), and its scaled B stacked,
-(out, K r). A forward runs the base layer once for all rows, then:
+(``rank_pattern``, ``alpha_pattern``, rsLoRA); the layers it targets are wrapped in a
+``model.multilora.MultiLoRA``, which computes each row's own adapter (PEFT's own ``adapter_names``
+indexes each adapter's rows in every layer of every forward in Python lists, and registers hooks on
+every module per forward: on SmolLM2 with one adapter, 6.4 questions/s against 9.3 merged; this, 8.0
+against 8.8, ``docs/serve.md``).
 
-- all rows ask one adapter: two products with its r columns alone (none for the base);
-- a decoding step (one token a row) whose rows ask most of the stacked adapters: two products over
-  the whole stack, each row keeping only its own adapter's r columns between them (a mask): no
-  gathers, no Python per row or adapter;
-- a prefill (many tokens a row), or a step whose rows ask few of them: each adapter's rows through
-  its slice alone (a gather each), as computing (and reading) every adapter's columns costs more there.
-
-(PEFT's own ``adapter_names`` indexes each adapter's rows in every layer of every forward in Python
-lists, and registers hooks on every module per forward: on SmolLM2 with one adapter, 6.4
-questions/s against 9.3 merged; this, 8.0 against 8.8, ``docs/serve.md``.)
-
-Which adapter each row asks is set around each forward (:func:`routing`, by ``inference.decoder``),
-as the passages of ``model.prefix_attention`` are. An adapter is read and checked off the decoding
-thread (:meth:`AdapterSet.read`: its layers must be the base's, of the same shapes, its prompt
-settings the server's, its recorded base weights these), then attached between two batches
-(:meth:`AdapterSet.attach`), so a running batch never waits for a disk.
+An adapter is read and checked off the decoding thread (:meth:`AdapterSet.read`: its layers must be
+the base's, of the same shapes, its prompt settings the server's, its recorded base weights these),
+then attached between two batches (:meth:`AdapterSet.attach`) under a new *handle*, so a running
+batch never waits for a disk and a request is answered by the load it was admitted with.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from loraqa.config import Config
-from loraqa.model.lora import PROMPT_SETTINGS, adapter_settings, recorded_weights
+from loraqa.io import log
+from loraqa.model.load import base_model
+from loraqa.model.lora import adapter_settings, recorded_weights
+from loraqa.model.multilora import BASE, MultiLoRA, Router, UnroutableMix, routing
 from loraqa.model.weights import check_base_weights
 
-BASE = "__base__"  # a row that asks no adapter
+# the prompt settings that give an answer its meaning: an adapter answers only in those it was trained on
+COMPARED = ("template", "no_answer_text", "method")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])\.weight$")
 
@@ -52,104 +45,6 @@ class ReadAdapter:
     name: str
     path: str
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-
-
-class Router:
-    """The adapter each row of the forward running now asks (None: no forward, or no adapters)."""
-
-    def __init__(self) -> None:
-        self.names: list[str | None] | None = None
-        self.only: str | None = None  # the one adapter every row asks, where they ask one
-        self.mixed = False
-        self.asked: set = set()
-        self._masks: dict[tuple, torch.Tensor] = {}
-
-    def mask(self, layout: tuple[tuple[str, int, int], ...], device, dtype) -> torch.Tensor:
-        """(rows, 1, stacked r) ones where a row's adapter's columns are, for a stack ``layout``
-        [(name, start, end)]; made once per forward and layout, shared by the layers that have it."""
-        key = (layout, device, dtype)
-        if key not in self._masks:
-            mask = torch.zeros(len(self.names), 1, layout[-1][2], device=device, dtype=dtype)
-            where = {name: (start, end) for name, start, end in layout}
-            for row, name in enumerate(self.names):
-                if name in where:
-                    mask[row, :, where[name][0]:where[name][1]] = 1
-            self._masks[key] = mask
-        return self._masks[key]
-
-    def rows(self, name: str, device) -> torch.Tensor | None:
-        """The rows that ask ``name`` (None: none), made once per forward."""
-        key = ("rows", name, device)
-        if key not in self._masks:
-            picked = [i for i, n in enumerate(self.names) if n == name]
-            self._masks[key] = torch.tensor(picked, dtype=torch.long, device=device) if picked else None
-        return self._masks[key]
-
-    def set(self, names: list[str | None] | None) -> None:
-        self.names, self._masks = names, {}
-        self.asked = set(names or ())
-        self.mixed = len(self.asked) > 1
-        self.only = next(iter(self.asked)) if len(self.asked) == 1 else None
-
-
-class MultiLoRA(nn.Module):
-    """A linear layer (or GPT-2's Conv1D) with several adapters' LoRA over its one weight."""
-
-    def __init__(self, base: nn.Module, router: Router) -> None:
-        super().__init__()
-        self.base, self.router = base, router
-        self.parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (A, scaled B)
-        self.layout: tuple[tuple[str, int, int], ...] = ()
-        self.a = self.b = None
-
-    def restack(self) -> None:
-        """The stacks from ``parts``, in the base weight's dtype and device."""
-        weight = self.base.weight
-        self.layout, start = (), 0
-        for name, (a, _) in self.parts.items():
-            self.layout += ((name, start, start + a.shape[0]),)
-            start += a.shape[0]
-        if self.parts:
-            self.a = torch.cat([a for a, _ in self.parts.values()]).to(weight.device, weight.dtype)   # (K r, in)
-            self.b = torch.cat([b for _, b in self.parts.values()], 1).to(weight.device, weight.dtype)  # (out, K r)
-        else:
-            self.a = self.b = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        router = self.router
-        if self.a is None or not (router.mixed or router.only):
-            return y
-        if not router.mixed:  # one adapter for every row: its slice alone
-            span = next(((s, e) for n, s, e in self.layout if n == router.only), None)
-            if span is not None:
-                y.add_((x @ self.a[span[0]:span[1]].T) @ self.b[:, span[0]:span[1]].T)
-            return y
-        present = [(n, s, e) for n, s, e in self.layout if n in router.asked]
-        # a prefill, or a step whose rows ask few of the stacked adapters (reading the whole stack would
-        # cost more): each adapter's rows through its slice alone
-        if (x.dim() == 3 and x.shape[1] > 1) or 2 * len(present) <= len(self.layout):
-            for name, start, end in present:
-                rows = router.rows(name, x.device)
-                if rows is not None:
-                    y.index_add_(0, rows, (x[rows] @ self.a[start:end].T) @ self.b[:, start:end].T)
-            return y
-        mask = router.mask(self.layout, x.device, x.dtype)  # (rows, 1, K r)
-        return y.add_(((x @ self.a.T) * (mask if x.dim() == 3 else mask[:, 0])) @ self.b.T)
-
-
-@contextmanager
-def routing(model, names: list[str | None] | None):
-    """Rows ask the adapters ``names`` (one per row: a name, or None / BASE for none) inside the block."""
-    router = getattr(_base_of(model), "_loraqa_router", None)
-    if router is None or names is None:
-        yield
-        return
-    router.set([None if n == BASE else n for n in names])
-    try:
-        yield
-    finally:
-        router.set(None)
 
 
 def split_adapter_flag(value: str) -> tuple[str | None, str]:
@@ -173,19 +68,51 @@ def read_adapter_flags(values: list[str]) -> list[tuple[str | None, str]]:
     return pairs
 
 
+def prompt_mismatch(settings: dict, adapter: str) -> str | None:
+    """Which of an adapter's saved prompt settings differ from ``settings`` (what a server answers
+    with), in one phrase, or None. The window's length is not among them: a passage is read in the
+    server's windows whatever the adapter was trained on."""
+    saved = adapter_settings(adapter)
+    differ = [k for k in COMPARED if k in saved and k in settings and saved[k] != settings[k]]
+    if not differ:
+        return None
+    return "; ".join(f"{k} {saved[k]!r}, served with {settings[k]!r}" for k in differ)
+
+
+@dataclass(frozen=True)
+class Served:
+    """An adapter being served: its handle (``NAME#N``, new at each load, so a request admitted for
+    one load is never answered by another of the same name) and its folder."""
+
+    handle: str
+    path: str
+
+
 class AdapterSet:
-    """The adapters a model serves, by name, and the prompt settings every one must share."""
+    """The adapters a model serves, by name, each answered in the prompt settings the server uses."""
 
     def __init__(self, model, config: Config, base_name: str) -> None:
         self.model, self.config, self.base_name = model, config, base_name
         self.router = Router()
-        _base_of(model)._loraqa_router = self.router
-        self.paths: dict[str, str] = {}
-        self.settings: dict | None = None  # the prompt settings all adapters share (the first one's)
+        lm = base_model(model)
+        lm._loraqa_router = self.router
+        lm.register_forward_pre_hook(self.router.heard, with_kwargs=True)
+        # replaced whole on each load and unload, never changed in place: a reader's copy stays whole
+        self.served: dict[str, Served] = {}
+        self.loads = count(1)
+        self.mixable, self.why_not_mixable = True, ""
 
     @property
     def names(self) -> list[str]:
-        return list(self.paths)
+        return list(self.served)
+
+    def handle(self, name: str) -> str:
+        """The handle of the adapter served as ``name`` now (``KeyError`` for none)."""
+        return self.served[name].handle
+
+    def holds(self, handle: str) -> bool:
+        """Whether ``handle``'s matrices are in the layers (on the decoding thread: between batches)."""
+        return any(handle in m.parts for m in self._layers())
 
     def read(self, name: str, path: str) -> ReadAdapter:
         """Read and check an adapter (any thread: nothing of the model changes); ``ValueError``, one line."""
@@ -196,21 +123,24 @@ class AdapterSet:
         where = f"adapter {name!r} ({path})"
         if not NAME.match(name) or name in (BASE, self.base_name):
             raise ValueError(f"{where}: not a usable name (letters, digits, '.', '_', '-'; not the base's)")
-        if name in self.paths:
+        if name in self.served:
             raise ValueError(f"{where}: an adapter of that name is loaded already; unload it first")
         if not (Path(path) / "adapter_config.json").is_file():
             raise ValueError(f"{where}: no adapter_config.json there (not a PEFT adapter folder)")
         config = PeftConfig.from_pretrained(path)
         if not isinstance(config, LoraConfig) or config.task_type not in (None, "CAUSAL_LM"):
             raise ValueError(f"{where}: not a causal-LM LoRA adapter ({type(config).__name__}, {config.task_type})")
+        if getattr(config, "target_parameters", None):  # PEFT's all-linear on fused experts' weights
+            raise ValueError(f"{where}: it adapts parameters, not linear layers (target_parameters "
+                             f"{sorted(config.target_parameters)}), which cannot share the base with other adapters; "
+                             "merge it and serve it alone")
         if getattr(config, "use_dora", False) or config.modules_to_save:
             raise ValueError(f"{where}: it trains more than LoRA matrices (DoRA, or modules in full), which "
                              "cannot share the base with other adapters; merge it and serve it alone")
-        settings = {k: v for k, v in adapter_settings(path).items() if k in PROMPT_SETTINGS}
-        if self.settings is not None and settings != self.settings:
-            differ = sorted(k for k in set(settings) | set(self.settings) if settings.get(k) != self.settings.get(k))
-            raise ValueError(f"{where}: trained with other prompt settings ({', '.join(differ)}) than the adapters "
-                             "served here; serve it with a server of its own")
+        differ = prompt_mismatch({k: getattr(self.config, k) for k in COMPARED}, path)
+        if differ:
+            raise ValueError(f"{where}: trained with other prompt settings than this server answers with ({differ}); "
+                             "serve it with a server of its own")
         check_base_weights(self.config, path, recorded_weights(path))
         halves: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in load_peft_weights(path, device="cpu").items():
@@ -218,7 +148,7 @@ class AdapterSet:
             if match is None:
                 raise ValueError(f"{where}: it holds {key}, which is not a LoRA matrix; merge it and serve it alone")
             halves.setdefault(match[1], {})[match[2]] = tensor
-        modules, layers = dict(_base_of(self.model).named_modules()), {}
+        modules, layers = dict(base_model(self.model).named_modules()), {}
         for layer_name, ab in halves.items():
             layer = modules.get(layer_name)
             if isinstance(layer, MultiLoRA):
@@ -237,11 +167,12 @@ class AdapterSet:
             raise ValueError(f"{where}: it holds no LoRA matrices")
         return ReadAdapter(name, path, layers)
 
-    def attach(self, adapter: ReadAdapter) -> None:
-        """Add a read adapter to the model's layers (between batches: on the decoding thread, where
-        all of a server's torch work runs: a second thread's OpenMP threads slowed decoding by 30%
-        on 2 cores, docs/serve.md)."""
-        base = _base_of(self.model)
+    def attach(self, adapter: ReadAdapter) -> str:
+        """Add a read adapter to the model's layers, under a new handle (returned), and serve it
+        (between batches: on the decoding thread, where all of a server's torch work runs: a second
+        thread's OpenMP threads slowed decoding by 30% on 2 cores, docs/serve.md)."""
+        base = base_model(self.model)
+        handle = f"{adapter.name}#{next(self.loads)}"
         for layer_name, (a, b, scale) in adapter.layers.items():
             ab = (a.float(), b.float() * scale)
             layer = base.get_submodule(layer_name)
@@ -249,37 +180,52 @@ class AdapterSet:
                 parent, _, child = layer_name.rpartition(".")
                 layer = MultiLoRA(layer, self.router)
                 setattr(base.get_submodule(parent) if parent else base, child, layer)
-            layer.parts[adapter.name] = ab
+            layer.parts[handle] = ab
             layer.restack()
-        self.paths[adapter.name] = adapter.path
-        if self.settings is None:
-            self.settings = {k: v for k, v in adapter_settings(adapter.path).items() if k in PROMPT_SETTINGS}
+        if self.mixable:
+            self._check_mixing(handle)
+        self.served = {**self.served, adapter.name: Served(handle, adapter.path)}
+        return handle
 
-    def detach(self, name: str) -> None:
-        """Remove an adapter from the layers (between batches; :meth:`retire` stopped routing to it)."""
-        for module in _base_of(self.model).modules():
-            if isinstance(module, MultiLoRA) and module.parts.pop(name, None) is not None:
-                module.restack()
+    def _check_mixing(self, handle: str) -> None:
+        """Whether rows of the base and of ``handle`` can share a forward: every adapted layer must
+        see its tokens by row (``Router.per_row``). A model where one does not decodes one adapter's
+        rows a batch (said once in the log)."""
+        lm = base_model(self.model)
+        device = next(lm.parameters()).device
+        ids = torch.ones(2, 3, dtype=torch.long, device=device)
+        try:
+            with torch.inference_mode(), routing(self.model, [BASE, handle]):
+                lm(input_ids=ids, use_cache=False)
+        except UnroutableMix as e:
+            self.mixable, self.why_not_mixable = False, str(e)
+            log(f"adapters of {self.base_name} are decoded one adapter a batch: {e}")
 
-    def retire(self, name: str) -> None:
-        """Stop serving ``name``: no longer listed or routed to, from now on (its layers stay until
-        :meth:`detach`, for a batch that may be using it)."""
-        del self.paths[name]
+    def retire(self, name: str) -> str:
+        """Stop serving ``name`` (no longer listed, nor given to new requests) and return its handle;
+        its matrices stay until :meth:`detach`, for a batch that may be using them."""
+        handle = self.served[name].handle
+        self.served = {n: s for n, s in self.served.items() if n != name}
+        return handle
 
-    def restack(self) -> None:
-        """Every stack again in its layer's dtype (after the base's weights were stored in another)."""
-        for module in _base_of(self.model).modules():
-            if isinstance(module, MultiLoRA):
+    def detach(self, handle: str) -> None:
+        """Remove an adapter's matrices from the layers (between batches, after :meth:`retire`)."""
+        for module in self._layers():
+            if module.parts.pop(handle, None) is not None:
                 module.restack()
 
     def describe(self) -> list[dict]:
-        """The base and each adapter, for ``GET /v1/models``."""
-        return [{"id": self.base_name, "parent": None}] + [{"id": n, "parent": self.base_name, "path": p}
-                                                          for n, p in self.paths.items()]
+        """The base and each adapter, for ``GET /v1/models`` (no path: the server's disk is its own)."""
+        served = self.served
+        return [{"id": self.base_name, "parent": None}] + [{"id": n, "parent": self.base_name} for n in served]
+
+    def _layers(self) -> list[MultiLoRA]:
+        return [m for m in base_model(self.model).modules() if isinstance(m, MultiLoRA)]
 
 
-def _base_of(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def display_name(handle: str) -> str:
+    """The name a handle was served as (``NAME#N`` -> ``NAME``)."""
+    return handle.partition("#")[0]
 
 
 def _fan(layer) -> tuple[int, int]:

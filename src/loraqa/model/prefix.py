@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
-from loraqa.model.adapters import routing
+from loraqa.model.multilora import routing
 from loraqa.model.load import cache_kwarg
 
 

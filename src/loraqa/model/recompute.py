@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from loraqa.model.load import base_model
+
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 _TAPES = threading.local()  # the tape of the layer call running in this thread, if any
 
@@ -121,7 +123,7 @@ def enable_gradient_checkpointing(model) -> int:
     masks (see the module's docstring); returns how many LoRA dropouts now replay their masks."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base_model(model)
     # transformers then says it sets use_cache=False; the layers still use the cache they are given
     logging.getLogger("transformers.modeling_layers").addFilter(
         lambda record: "Caching is incompatible with gradient checkpointing" not in record.getMessage())

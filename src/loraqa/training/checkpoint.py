@@ -10,7 +10,9 @@ file and then the folder flushed to disk (fsync), then renamed, so after a crash
 folder under a checkpoint's name holds what its manifest says. A resume checks the newest against
 its manifest and, where a file is missing, short or changed, moves it aside (``.step-N.damaged``,
 kept for a look) and takes the one before, saying so. It is renamed away before it is deleted, so a
-kill never leaves a half-deleted checkpoint; only the newest ``keep`` are kept.
+kill never leaves a half-deleted checkpoint; only the newest ``keep`` are kept. A step saved again
+(an epoch's end) moves its first save aside (``.step-N.replaced``) and deletes it only once the new
+one is in: a kill between leaves that aside as the step's checkpoint, even with ``keep`` 1.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from loraqa.io import fsync_dir, fsync_file, write_json_atomic
 from loraqa.training.processes import Processes
 
 _NAME = re.compile(r"^step-(\d{8})$")
+_REPLACED = re.compile(r"^\.step-(\d{8})\.replaced$")  # a step's first save, aside while it is saved again
 MANIFEST = "manifest.json"
+FEWER = "saved by fewer processes"  # than resume it: every older checkpoint too, so a stop, not a fallback
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -66,22 +70,28 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, scaler
     def into_place() -> None:
         write_manifest(tmp)
         fsync_dir(tmp)
+        replaced = _replaced(folder, step)
         if final.exists():  # the same step saved again (an epoch's end, Ctrl-C right after a save)
-            _discard(final)
+            if replaced.exists():  # left by a kill after an earlier swap: final is newer
+                shutil.rmtree(replaced)
+            final.rename(replaced)
+        # else a ``replaced`` there is the step's checkpoint (a kill came before its new save was in): kept till then
         tmp.rename(final)
         fsync_dir(folder)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in list_checkpoints(folder)[:-keep]:
             _discard(old)
 
-    _together(processes, shared_files if processes.is_main else None, f"writing {tmp}")
-    _together(processes, rng_file, f"writing {tmp}")
-    _together(processes, into_place if processes.is_main else None, f"moving {tmp} into place")
+    together(processes, shared_files if processes.is_main else None, f"writing {tmp}")
+    together(processes, rng_file, f"writing {tmp}")
+    together(processes, into_place if processes.is_main else None, f"moving {tmp} into place")
     return final
 
 
-def _together(processes: Processes, work, what: str) -> None:
+def together(processes: Processes, work, what: str) -> None:
     """``work()`` (None: nothing here), then every process learns whether it failed anywhere: one
-    collective instead of a barrier, so a failure ends the job on every process at once."""
+    collective instead of a barrier, so a failure ends the job on every process at once (a save,
+    a resume)."""
     failed = None
     try:
         if work is not None:
@@ -136,7 +146,7 @@ def _sha256(path: Path) -> str:
 
 def set_aside(checkpoint: Path) -> Path:
     """Move a damaged checkpoint out of :func:`list_checkpoints`' sight, kept for a look."""
-    aside = checkpoint.with_name(f".{checkpoint.name}.damaged")
+    aside = checkpoint.with_name(f".step-{checkpoint_step(checkpoint):08d}.damaged")
     shutil.rmtree(aside, ignore_errors=True)
     checkpoint.rename(aside)
     return aside
@@ -145,17 +155,62 @@ def set_aside(checkpoint: Path) -> Path:
 def _discard(checkpoint: Path) -> None:
     """Rename out of :func:`list_checkpoints`' sight, then delete: a kill half-way through the
     deletion never leaves a half-deleted checkpoint under a name that a resume would load."""
-    trash = checkpoint.with_name(f".{checkpoint.name}.old")
+    step = checkpoint_step(checkpoint)
+    if checkpoint != _replaced(checkpoint.parent, step):  # a stale aside of it would come into sight
+        shutil.rmtree(_replaced(checkpoint.parent, step), ignore_errors=True)
+    trash = checkpoint.with_name(f".step-{step:08d}.old")
     shutil.rmtree(trash, ignore_errors=True)
     checkpoint.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
+    """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored): a
+    step's ``step-N``, or its ``.step-N.replaced`` where a kill came before its new save was in."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name))
+    found: dict[int, Path] = {}
+    for pattern in (_NAME, _REPLACED):  # step-N first: beside it, an aside is stale
+        for path in folder.iterdir():
+            if path.is_dir() and (match := pattern.match(path.name)):
+                found.setdefault(int(match[1]), path)
+    return [found[step] for step in sorted(found)]
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint in :func:`list_checkpoints` was saved at."""
+    return int((_NAME.match(checkpoint.name) or _REPLACED.match(checkpoint.name))[1])
+
+
+def _replaced(folder: Path, step: int) -> Path:
+    return folder / f".step-{step:08d}.replaced"
+
+
+def problem_here(checkpoint: Path, rank: int) -> str | None:
+    """What keeps this process from loading ``checkpoint`` (None: nothing): damage against its
+    manifest, or no RNG state of its own."""
+    problem = damage(checkpoint)
+    if problem is None and not (checkpoint / f"rng-{rank}.pt").is_file():
+        problem = f"{FEWER} (no rng-{rank}.pt)"
+    return problem
+
+
+def agree_on_checkpoint(views: list[dict[int, str | None]]) -> tuple[int | None, dict[int, str]]:
+    """(the step to resume, None: none; {newer step: why not}) from every process's view, in rank
+    order ({step: :func:`problem_here`}): the newest checkpoint that every process can load. Each
+    process decides from the same views, so all take the same one, or all stop with the same
+    ``ValueError`` where the run had fewer processes (the process count must not change)."""
+    passed: dict[int, str] = {}
+    for step in sorted(set().union(*views), reverse=True):
+        problems = [(rank, view.get(step, "not found")) for rank, view in enumerate(views)]
+        problems = [(rank, problem) for rank, problem in problems if problem is not None]
+        if not problems:
+            return step, passed
+        rank, problem = problems[0]
+        if problem.startswith(FEWER):
+            raise ValueError(f"checkpoint step-{step:08d} was {problem}; resume with as many")
+        passed[step] = problem if len(views) == 1 else f"process {rank}: {problem}"
+    return None, passed
 
 
 def resumed_precision(folder: Path) -> str | None:
@@ -169,7 +224,7 @@ def resumed_precision(folder: Path) -> str | None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler, scaler and RNG from ``path``; returns its state. A
-    file that cannot be read is a ``ValueError`` naming it (:func:`damage` checks them first)."""
+    file that cannot be read is a ``ValueError`` naming it (:func:`problem_here` checks them first)."""
     try:
         weights = load_file(path / "trainable.safetensors")
     except Exception as e:  # noqa: BLE001 - safetensors' own errors are not ValueErrors
@@ -186,7 +241,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int =
     scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
     rng_path = path / f"rng-{rank}.pt"
     if not rng_path.is_file():
-        raise ValueError(f"checkpoint {path} was made by fewer processes (no {rng_path.name}); resume with as many")
+        raise ValueError(f"checkpoint {path} was {FEWER} (no {rng_path.name}); resume with as many")
     rng = torch.load(rng_path, weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

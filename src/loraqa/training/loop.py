@@ -20,7 +20,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from loraqa.config import Config
 from loraqa.data.features import Feature
-from loraqa.training.checkpoint import damage, list_checkpoints, load_checkpoint, save_checkpoint, set_aside
+from loraqa.model.support import passages_apart_differ
+from loraqa.training.checkpoint import (agree_on_checkpoint, checkpoint_step, list_checkpoints, load_checkpoint,
+                                        problem_here, save_checkpoint, set_aside, together)
 from loraqa.training.loss import AnswerLoss, evaluate_loss
 from loraqa.training.processes import Processes
 from loraqa.training.step import StepPlan, StepResult, apply_update, forward_backward
@@ -96,7 +98,10 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_module = processes.wrap(AnswerLoss(model))
-    plan = StepPlan(train_features, config, pad_id, processes)
+    differ = passages_apart_differ(model) if config.group_by_passage else None
+    if differ:
+        processes.log(f"--group-by-passage is off for this model: {differ}")
+    plan = StepPlan(train_features, config, pad_id, processes, passages_apart=differ is None)
     state = resume(checkpoint_dir, model, optimizer, scheduler, scaler, processes) or LoopState(precision=precision)
     log_largest_batch(plan.largest_batch_tokens(state.epoch), config, processes)
 
@@ -142,28 +147,51 @@ def train(model, train_features: list[Feature], eval_features: list[Feature], co
 
 
 def resume(checkpoint_dir: Path | None, model, optimizer, scheduler, scaler, processes: Processes) -> LoopState | None:
-    """The newest sound checkpoint in ``checkpoint_dir`` loaded into the model, optimizer,
-    scheduler, scaler and RNG, and its loop state; None when there is none. A damaged one (a file
-    missing, short or changed against its manifest, or unreadable) is set aside and the one before
-    taken, each said in one line; with none sound, the run starts from the beginning, said so."""
-    saved = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
-    for checkpoint in reversed(saved):
-        problem = damage(checkpoint)
-        if problem is None:
-            try:
-                state = LoopState(**load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, processes.rank))
-            except ValueError as e:
-                problem = str(e)
-            else:
-                processes.log(f"resuming from {checkpoint} (epoch {state.epoch}, step {state.step})")
-                return state
-        if processes.is_main:
-            problem += f"; set aside as {set_aside(checkpoint).name}"
-        processes.log(f"checkpoint {checkpoint.name} is damaged ({problem}); trying the one before")
-    if saved:
-        processes.log(f"no sound checkpoint in {checkpoint_dir} ({len(saved)} damaged): training starts from the "
-                      "beginning")
-    return None
+    """The newest checkpoint in ``checkpoint_dir`` that every process can load, loaded into the
+    model, optimizer, scheduler, scaler and RNG, and its loop state; None when there is none.
+    The processes agree on it before any loads anything: each checks what it can read, a
+    collective brings every view to every process, and each takes the same one from them
+    (``agree_on_checkpoint``). A newer one that some process cannot load (a file missing, short or
+    changed against its manifest) is set aside, said in one line; with none sound, the run starts
+    from the beginning, said so. A load failing on one process stops every process."""
+    if checkpoint_dir is None:
+        return None
+    saved = {checkpoint_step(c): c for c in list_checkpoints(checkpoint_dir)}
+    newest_first = sorted(saved, reverse=True)
+    checked: dict[int, str | None] = {}
+
+    def view(steps: list[int]) -> dict[int, str | None]:
+        for step in steps:
+            if step not in checked:
+                checked[step] = problem_here(saved[step], processes.rank)
+        return {step: checked[step] for step in steps}
+
+    # the newest alone first: where every process can load it (the common case) no older one is
+    # hashed (a full fine-tuning's checkpoint takes seconds); the views decide the same everywhere
+    views = processes.gather([view(newest_first[:1])])
+    chosen, passed = agree_on_checkpoint(views)
+    if chosen is None and any(views):
+        chosen, passed = agree_on_checkpoint(processes.gather([view(newest_first)]))
+    loaded = {}
+
+    def set_aside_and_load() -> None:
+        for step, problem in passed.items():  # newest first
+            if processes.is_main and step in saved:
+                problem += f"; set aside as {set_aside(saved[step]).name}"
+            processes.log(f"checkpoint step-{step:08d} is damaged ({problem}); trying the one before")
+        if chosen is not None:
+            loaded["state"] = load_checkpoint(saved[chosen], model, optimizer, scheduler, scaler, processes.rank)
+
+    what = f"resuming from {saved[chosen]}" if chosen is not None else f"setting aside checkpoints in {checkpoint_dir}"
+    together(processes, set_aside_and_load, what)
+    if chosen is None:
+        if passed:
+            processes.log(f"no sound checkpoint in {checkpoint_dir} ({len(passed)} damaged): training starts from "
+                          "the beginning")
+        return None
+    state = LoopState(**loaded["state"])
+    processes.log(f"resuming from {saved[chosen]} (epoch {state.epoch}, step {state.step})")
+    return state
 
 
 def log_largest_batch(tokens: int, config: Config, processes: Processes) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from loraqa import IGNORE_INDEX
 from loraqa.data.batching import micro_batches
 from loraqa.data.features import Feature, collate_train, median_batch
+from loraqa.model.load import base_model
 from loraqa.model.precision import autocast
 from loraqa.model.prefix import continue_from_prefix
 from loraqa.model.span import SpanFeature, collate_span, span_loss_sum, span_windows
@@ -32,7 +33,7 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     if "start_positions" in batch:
         return span_loss_sum(model, batch)
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base_model(model)
     labels = batch["labels"][:, 1:]          # position t predicts token t + 1
     keep = labels != IGNORE_INDEX            # (B, T - 1)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

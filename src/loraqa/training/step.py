@@ -30,9 +30,11 @@ class StepPlan:
     batches are length-grouped. ``seed + epoch`` fixes each epoch's order.
     """
 
-    def __init__(self, features: list[Feature], config: Config, pad_id: int, processes: Processes) -> None:
+    def __init__(self, features: list[Feature], config: Config, pad_id: int, processes: Processes,
+                 passages_apart: bool = True) -> None:
         self.features, self.config, self.pad_id, self.processes = features, config, pad_id, processes
-        self.by_passage = config.group_by_passage and config.method != "span"
+        # passages_apart: whether the model computes the same with a passage run apart (model.support)
+        self.by_passage = config.group_by_passage and config.method != "span" and passages_apart
         if self.by_passage:
             self.groups, self.collate = context_groups(features), collate_context_train
         else:

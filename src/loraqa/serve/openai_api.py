@@ -11,10 +11,21 @@ How a question reaches the model:
   any other prompt is answered as it stands.
 
 ``model`` names a LoRA adapter the server holds, or its base (``GET /v1/models`` lists them).
-Decoding is greedy, as the answers are extractive: a ``temperature`` other than 0, ``n`` or
-``best_of`` over 1, or ``logprobs`` are refused in one line. The answer is what ``/answer`` gives
-(the first line, stripped); ``max_tokens`` cuts it at that many tokens (``finish_reason``
-"length"), ``stop`` at the first of its strings. ``usage`` counts the prompt's tokens and the
+Decoding is greedy, as the answers are extractive. What a request may ask, parameter by parameter
+(as vLLM and llama-server do, a parameter the server cannot honour is refused with a 400 naming it,
+never dropped in silence):
+
+| parameter | |
+| --- | --- |
+| ``max_tokens`` / ``max_completion_tokens`` | cuts the answer (``finish_reason`` "length"); over the server's ``--max-new-tokens``: 400 |
+| ``stop`` | up to 4 strings; the answer ends before the first |
+| ``stream``, ``stream_options.include_usage`` | server-sent events |
+| ``temperature`` 0, ``top_p`` 1, ``n`` / ``best_of`` 1, penalties 0 | what greedy decoding is; any other value: 400 |
+| ``seed``, ``user``, ``metadata``, ``store`` | accepted and ignored: greedy answers do not depend on them |
+| ``logprobs``, ``top_logprobs``, ``echo``, ``suffix``, ``logit_bias``, ``tools``, ``functions``, ``tool_choice``, ``response_format`` other than text | 400 |
+
+The answer is ``/answer``'s (the first line, stripped; "" where the model says the passage does
+not answer); ``max_tokens`` and ``stop`` cut it. ``usage`` counts the prompt's tokens and the
 tokens decoded for the answer (its stop token included).
 """
 
@@ -26,17 +37,31 @@ import uuid
 from dataclasses import dataclass, field
 
 from loraqa.data.prompt import cut_answer
-from loraqa.inference.request import RequestError
+from loraqa.serve.request import RequestError
+
+
+# parameters that greedy, one-answer decoding honours only at these values (OpenAI's defaults)
+NEUTRAL = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1}
+UNSERVED = ("echo", "suffix", "logit_bias", "tools", "functions", "tool_choice", "function_call")
 
 
 class OpenAIError(RequestError):
     """A refusal in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
 
+    def __init__(self, status: int, reason: str, param: str | None = None) -> None:
+        super().__init__(status, reason)
+        self.param = param
+
     def body(self) -> dict:
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 422: "invalid_request_error"}.get(self.status, "server_error")
-        return {"error": {"message": self.reason, "type": kind, "param": None,
-                          "code": "model_not_found" if self.status == 404 else None}}
+        return error_body(self.status, self.reason, self.param)
+
+
+def error_body(status: int, reason: str, param: str | None = None) -> dict:
+    """OpenAI's error shape for a status: every 4xx a client's error, 401 its key's."""
+    kind = ("authentication_error" if status == 401 else "invalid_request_error" if 400 <= status < 500
+            else "server_error")
+    return {"error": {"message": reason, "type": kind, "param": param,
+                      "code": "model_not_found" if status == 404 else None}}
 
 
 @dataclass
@@ -56,7 +81,7 @@ class Completion:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def parse_completion(body: object, chat: bool, template: str, models: list[str]) -> Completion:
+def parse_completion(body: object, chat: bool, template: str, models: list[str], max_new_tokens: int) -> Completion:
     """A request body as a :class:`Completion`; ``OpenAIError`` (400, or 404 for an unknown model)."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object")
@@ -73,10 +98,14 @@ def parse_completion(body: object, chat: bool, template: str, models: list[str])
         if body.get(key) not in (None, 1):
             raise OpenAIError(400, f"{key} {body[key]!r}: one greedy answer a request; leave it out or send 1")
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise OpenAIError(400, "logprobs are not returned by this server")
+        raise OpenAIError(400, "logprobs are not returned by this server", "logprobs")
+    _check_unserved(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise OpenAIError(400, f"max_tokens {max_tokens!r}: a positive integer")
+        raise OpenAIError(400, f"max_tokens {max_tokens!r}: a positive integer", "max_tokens")
+    if max_tokens is not None and max_tokens > max_new_tokens:
+        raise OpenAIError(400, f"max_tokens {max_tokens}: this server's answers are at most {max_new_tokens} tokens "
+                               "(its --max-new-tokens); send at most that, or leave it out", "max_tokens")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -98,6 +127,21 @@ def parse_completion(body: object, chat: bool, template: str, models: list[str])
         else:
             request.context, request.question = read
     return request
+
+
+def _check_unserved(body: dict) -> None:
+    """A 400 naming the first parameter this server would not honour (the module's table)."""
+    for key, neutral in NEUTRAL.items():
+        value = body.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value != neutral):
+            raise OpenAIError(400, f"{key} {value!r}: loraqa answers greedily; leave it out or send {neutral}", key)
+    for key in UNSERVED:
+        if body.get(key) not in (None, False, "", {}, [], "none"):
+            raise OpenAIError(400, f"{key}: not served here (extractive answers, greedy, one a request)", key)
+    kind = body.get("response_format")
+    if kind is not None and kind != {"type": "text"}:
+        raise OpenAIError(400, "response_format: answers are plain text; leave it out or send {\"type\": \"text\"}",
+                          "response_format")
 
 
 def _messages(messages: object) -> tuple[str, str]:
@@ -128,10 +172,13 @@ def read_template(template: str, prompt: str) -> tuple[str, str] | None:
     return match["context"], match["question"]
 
 
-def finish(tokenizer, tokens: list[int], request: Completion, limit: int) -> tuple[str, str, int]:
-    """(answer, finish_reason, tokens decoded) for a question's tokens, ``max_tokens`` and ``stop`` applied."""
+def finish(tokenizer, tokens: list[int], answer: str, request: Completion, limit: int) -> tuple[str, str, int]:
+    """(answer, finish_reason, tokens decoded) for a question's tokens and ``/answer``'s ``answer``
+    of them ("" where the model abstained), ``max_tokens`` and ``stop`` applied."""
+    if not answer:  # the model says the passage does not answer: "" as on /answer, whatever it said
+        return "", "stop", len(tokens)
     kept = tokens if request.max_tokens is None else tokens[:request.max_tokens]
-    text = cut_answer(tokenizer.decode(kept, skip_special_tokens=True))
+    text = answer if len(kept) == len(tokens) else cut_answer(tokenizer.decode(kept, skip_special_tokens=True))
     reason = "length" if len(tokens) > len(kept) or (len(kept) == limit and not _stopped(tokenizer, kept)) else "stop"
     cut = _first_stop(text, request.stop)
     if cut is not None:
@@ -151,14 +198,17 @@ def _first_stop(text: str, stop: list[str]) -> int | None:
 
 class Deltas:
     """A stream's text pieces: each the answer's new part, never one that a later token would take
-    back (trailing spaces, half of a character, the start of a stop string), so that they add up to
-    :func:`finish`'s answer exactly."""
+    back (trailing spaces, half of a character, the start of a stop string, what may still become
+    the model's no-answer phrase), so that they add up to :func:`finish`'s answer exactly. With a
+    no-answer threshold, whether a question is answered at all is known only at its end: ``hold``
+    sends the answer whole then."""
 
-    def __init__(self, tokenizer, request: Completion) -> None:
+    def __init__(self, tokenizer, request: Completion, no_answer: str = "", hold: bool = False) -> None:
         self.tokenizer, self.request, self.sent, self.tokens, self.done = tokenizer, request, "", [], False
+        self.no_answer, self.hold = no_answer, hold
 
     def push(self, token: int) -> str:
-        if self.done:
+        if self.done or self.hold:
             return ""
         self.tokens.append(token)
         kept = self.tokens if self.request.max_tokens is None else self.tokens[:self.request.max_tokens]
@@ -168,6 +218,8 @@ class Deltas:
         if cut is not None:
             text, self.done = text[:cut], True
         text = text.rstrip().rstrip("\ufffd")
+        if self.no_answer and self.no_answer.startswith(text):  # it may yet be the phrase, which answers ""
+            return ""
         for s in self.request.stop:  # hold back what could still become a stop string
             for n in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:n]):

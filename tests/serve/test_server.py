@@ -11,9 +11,10 @@ from conftest import request, start_server
 from loraqa.cli import main
 from loraqa.config import load_config
 from loraqa.inference.answerer import ask, load_answerer
-from loraqa.inference.batcher import Batcher
-from loraqa.inference.request import MAX_BODY_BYTES
-from loraqa.inference.server import build_app
+from loraqa.serve.batcher import Batcher
+from loraqa.serve.request import MAX_BODY_BYTES
+from loraqa.serve.app import build_app
+from loraqa.serve.service import Limits
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def server(config):
     from loraqa.data.squad import load_squad_file
 
     answerer = load_answerer(config, None, load_squad_file(SQUAD))
-    url, stop = start_server(build_app(answerer, max_batch_size=8, max_wait_ms=50))
+    url, stop = start_server(build_app(answerer, Limits(max_batch_size=8, max_wait_ms=50)))
     yield url
     stop()
 
@@ -121,3 +122,37 @@ def test_the_batcher_takes_whole_passages_oldest_first_within_its_bound():
 def test_serve_checks_its_limits_before_loading(capsys):
     assert main(["serve", "--model", "no/such-model", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_mix_adapters_gets_one_adapter_a_batch():
+    import asyncio
+
+    from loraqa.data.features import Feature
+    from loraqa.inference.settings import DecodeSettings
+
+    class Adapters:
+        mixable = False
+
+        def holds(self, handle):
+            return True
+
+    class Recorder:  # stands in for Answerer: records which adapters are decoded together
+        batches = []
+        adapters = Adapters()
+        settings = DecodeSettings(64)
+
+        def decode(self, features, contexts, progress=False, adapters=None, on_token=None):
+            self.batches.append(sorted(set(adapters.values())))
+            return {f.id: "x" for f in features}
+
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=8, max_wait_ms=50)
+        runner = asyncio.create_task(batcher.run())
+        asked = [asyncio.create_task(batcher.answer([Feature("q", [i], 1)], "p", adapter=a))
+                 for i, a in enumerate(["a#1", "b#2", "a#1", None])]
+        await asyncio.wait_for(asyncio.gather(*asked), 10)
+        runner.cancel()
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert all(len(b) == 1 for b in Recorder.batches) and len(Recorder.batches) == 3

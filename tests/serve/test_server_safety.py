@@ -16,9 +16,10 @@ import pytest
 from conftest import SQUAD, free_port
 from loraqa.config import load_config
 from loraqa.data.squad import load_squad_file
-from loraqa.inference.access import Access, host_names
+from loraqa.serve.access import Access, host_names
 from loraqa.inference.answerer import Answerer, load_answerer
-from loraqa.inference.server import build_app
+from loraqa.serve.app import build_app
+from loraqa.serve.service import Limits
 from loraqa.runtime import allocator
 from conftest import request, start_server
 
@@ -33,8 +34,8 @@ def answerer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def keyed(answerer):
-    url, stop = start_server(build_app(answerer, access=Access("s3cret", host_names("127.0.0.1", [])),
-                                       request_timeout=30))
+    url, stop = start_server(build_app(answerer, Limits(request_timeout=30),
+                                       access=Access("s3cret", host_names("127.0.0.1", []))))
     yield url
     stop()
 
@@ -47,6 +48,24 @@ def test_answers_need_the_key_and_health_does_not(keyed):
     assert status == 200 and "answer" in reply
     status, health = request(f"{keyed}/health")
     assert status == 200 and health["api_key"] is True
+
+
+def test_a_client_without_a_key_that_announces_a_body_and_stalls_is_cut_off(keyed, monkeypatch):
+    """Headers saying 1,000 bytes, then nothing: the 401 comes at the drain's deadline and the
+    connection closes (it was held open for good: the deadline applied only after the key check)."""
+    import socket
+
+    from loraqa.serve import service
+
+    monkeypatch.setattr(service, "DRAIN_SECONDS", 1.0)
+    host, port = keyed.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(b"POST /answer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):  # until the server closes (the socket's 20 s timeout fails the test)
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 401") and b"connection: close" in data.lower()
 
 
 def test_a_foreign_host_and_a_body_not_sent_as_json_are_refused(keyed):
@@ -88,7 +107,7 @@ class SlowAnswerer(Answerer):
 
 def test_a_request_past_the_timeout_gets_a_504_and_the_next_is_served(answerer):
     slow = SlowAnswerer(**{f.name: getattr(answerer, f.name) for f in dataclasses.fields(Answerer)})
-    url, stop = start_server(build_app(slow, max_wait_ms=0, request_timeout=1.0))
+    url, stop = start_server(build_app(slow, Limits(max_wait_ms=0, request_timeout=1.0)))
     try:
         status, reply = request(f"{url}/answer", {"context": "SLOW " + QUESTION["context"], "question": "Who?"})
         assert status == 504 and "--request-timeout 1 s" in reply["error"]

@@ -3,7 +3,7 @@
 import pytest
 
 from loraqa.cli import main
-from loraqa.inference.access import Access, check_bind, host_names, is_loopback, read_api_key, strip_port
+from loraqa.serve.access import Access, check_bind, host_names, is_loopback, read_api_key, strip_port
 
 
 def test_the_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):

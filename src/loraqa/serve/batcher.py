@@ -2,9 +2,12 @@
 
 Requests for different LoRA adapters share a batch (``model.adapters``): a passage's questions go
 together for one adapter at a time (their prefill is shared), and the batch takes them oldest
-first whatever their adapter. Adapters are attached and removed on the decoding thread, between two
-batches (:meth:`Batcher.between_batches`). A batch that fails is decoded again one request at a
-time, so one request's failure is its own.
+first whatever their adapter. A request asks the adapter *handle* it was admitted with (one load of
+an adapter); adapters are attached and removed on the decoding thread, between two batches
+(:meth:`Batcher.between_batches`), and a batch's requests whose handle is gone by then are refused
+there (404), never answered by the base or by a later load of the same name. A batch that fails is
+decoded again one request at a time, so one request's failure is its own; one that fails because
+its model cannot mix adapters in a forward (``UnroutableMix``) turns mixing off for good.
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ from dataclasses import dataclass, field, replace
 from itertools import count
 
 from loraqa.inference.answerer import Answerer
+from loraqa.io import log
+from loraqa.model.adapters import display_name
+from loraqa.model.multilora import BASE, UnroutableMix
+from loraqa.serve.request import RequestError
 
 
-@dataclass
+@dataclass(eq=False)
 class Ask:
     """One request's questions, waiting or decoding."""
 
     features: list
     done: asyncio.Future
     passage: str = ""
-    adapter: str | None = None            # the LoRA adapter it asks (model.adapters), None: the model as loaded
+    adapter: str | None = None            # the LoRA adapter handle it asks (model.adapters), None: the model as loaded
     contexts: list[str] | None = None     # each question's passage (answers held to it)
     on_token: object = None               # on_token(question index, token id), called on the event loop
     tokens: list[list[int]] = field(default_factory=list)  # each question's tokens, as decoded
@@ -33,7 +40,7 @@ class Ask:
 def decoding_thread() -> ThreadPoolExecutor:
     """The one thread a server's torch work runs on. OpenMP keeps a team of threads for each thread
     that calls into torch; a second team on the same cores (the model loaded on the main thread,
-    decoded on another) made decoding 30% slower on 2 cores: load in it too (``inference.server``)."""
+    decoded on another) made decoding 30% slower on 2 cores: load in it too (``serve.server``)."""
     return ThreadPoolExecutor(1, thread_name_prefix="loraqa-decode")
 
 
@@ -75,7 +82,7 @@ class Batcher:
         return sum(len(a.features) for a in self.waiting)
 
     def waiting_adapters(self) -> list[str]:
-        return sorted({a.adapter for a in self.waiting if a.adapter})
+        return sorted({display_name(a.adapter) for a in self.waiting if a.adapter})
 
     def take(self) -> list[Ask]:
         """The next batch: whole (passage, adapter) groups, oldest first, up to ``max_batch_size``
@@ -83,8 +90,10 @@ class Batcher:
         so the questions about the oldest request's passage go together even when others arrived in
         between. Requests given up while waiting (a client gone, ``--request-timeout``) are dropped."""
         self.waiting = [a for a in self.waiting if not a.done.done()]
+        adapters = self.answerer.adapters
+        mix = self.mix_adapters and (adapters is None or adapters.mixable)
         order = list(dict.fromkeys((a.passage, a.adapter) for a in self.waiting
-                                   if self.mix_adapters or a.adapter == self.waiting[0].adapter))
+                                   if mix or a.adapter == self.waiting[0].adapter))
         batch, size = [], 0
         for key in order:
             for item in [a for a in self.waiting if (a.passage, a.adapter) == key]:
@@ -113,12 +122,15 @@ class Batcher:
             if not batch:  # every request waiting had been given up
                 continue
             self.running = self.last_batch = sum(len(a.features) for a in batch)
-            self.running_adapters = {a.adapter for a in batch if a.adapter}
+            self.running_adapters = {display_name(a.adapter) for a in batch if a.adapter}
             self.cache_tokens = sum(len(f.input_ids) + self.answerer.settings.max_new_tokens
                                     for a in batch for f in a.features)
             try:
                 await self._decode(loop, batch)
             except Exception as e:  # noqa: BLE001 - one request at a time: each failure its own
+                if isinstance(e, UnroutableMix) and self.mix_adapters:
+                    self.mix_adapters = False
+                    log(f"adapters are decoded one adapter a batch from now on: {e}")
                 for item in batch:
                     if item.done.done():
                         continue
@@ -135,38 +147,49 @@ class Batcher:
                 self.running, self.running_adapters, self.cache_tokens = 0, set(), 0
 
     async def _decode(self, loop, batch: list[Ask]) -> None:
-        features = [f for a in batch for f in a.features]
         owner = {f.id: (a, n) for a in batch for n, f in enumerate(a.features)}
-        contexts = {f.id: c for a in batch for f, c in zip(a.features, a.contexts)}
-        adapters = None
-        if self.answerer.adapters is not None:
-            from loraqa.model.adapters import BASE
 
-            adapters = {f.id: a.adapter or BASE for a in batch for f in a.features}
-
-        def heard(feature_id: str, token: int) -> None:  # on the decoding thread
+        def heard(feature_id: str, token: int) -> bool:  # on the decoding thread; True: its client is gone
             item, n = owner[feature_id]
             item.tokens[n].append(token)
             if item.on_token is not None:
                 loop.call_soon_threadsafe(item.on_token, n, token)
+            return item.done.done()
 
-        answers = await loop.run_in_executor(self.worker, lambda: self.answerer.decode(
-            features, contexts, adapters=adapters, on_token=heard))
-        self.batches, self.questions = self.batches + 1, self.questions + len(features)
-        for item in batch:
+        gone, answers = await loop.run_in_executor(self.worker, self._decode_held, batch, heard)
+        for item in gone:
+            if not item.done.done():
+                item.done.set_exception(RequestError(404, f"the model {display_name(item.adapter)!r} was unloaded"))
+        answered = [a for a in batch if all(a is not g for g in gone)]
+        self.batches += 1
+        self.questions += sum(len(a.features) for a in answered)
+        for item in answered:
             if not item.done.done():  # a client that went away cancelled its future
                 item.done.set_result([answers[f.id] for f in item.features])
+
+    def _decode_held(self, batch: list[Ask], heard) -> tuple[list[Ask], dict[str, str]]:
+        """On the decoding thread, where adapters are attached and removed: (the requests whose
+        adapter is no longer held, the others' answers)."""
+        adapters = self.answerer.adapters
+        gone = [a for a in batch if a.adapter is not None and not adapters.holds(a.adapter)]
+        asks = [a for a in batch if all(a is not g for g in gone)]
+        features = [f for a in asks for f in a.features]
+        if not features:
+            return gone, {}
+        contexts = {f.id: c for a in asks for f, c in zip(a.features, a.contexts)}
+        routes = None if adapters is None else {f.id: a.adapter or BASE for a in asks for f in a.features}
+        return gone, self.answerer.decode(features, contexts, adapters=routes, on_token=heard)
 
     async def between_batches(self, work):
         """``work()`` on the decoding thread, after the batch decoding now (if any), before the next."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, work)
 
-    def drop_adapter(self, name: str, error: Exception) -> None:
-        """Fail the requests waiting for an adapter that was removed."""
-        for item in [a for a in self.waiting if a.adapter == name]:
+    def drop_adapter(self, handle: str, error: Exception) -> None:
+        """Fail the requests waiting for an adapter (its handle) that was removed."""
+        for item in [a for a in self.waiting if a.adapter == handle]:
             if not item.done.done():
                 item.done.set_exception(error)
-        self.waiting = [a for a in self.waiting if a.adapter != name]
+        self.waiting = [a for a in self.waiting if a.adapter != handle]
 
     def close(self) -> None:
         self.worker.shutdown(wait=True, cancel_futures=True)

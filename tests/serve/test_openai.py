@@ -11,39 +11,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import torch
-from conftest import SQUAD, request, start_server
+from conftest import SQUAD, make_adapter, request, start_server
 
 from loraqa.config import load_config
 from loraqa.data.prompt import format_prompt
 from loraqa.data.squad import load_squad_file
-from loraqa.inference.access import Access
+from loraqa.serve.access import Access
 from loraqa.inference.answerer import ask, load_answerer
-from loraqa.inference.server import build_app
-from loraqa.model.adapters import BASE
+from loraqa.serve.app import build_app
+from loraqa.serve.service import Limits
+from loraqa.model.multilora import BASE
 
 ADMIN = "admin-secret"
 NEW_TOKENS = 6
 
 
-def _adapter(model_dir, folder, seed: int):
-    """A LoRA on the tiny Llama's q/v projections whose B is not zero (each seed its own)."""
-    from loraqa.model.load import load_model
-    from loraqa.model.lora import add_lora
-
-    torch.manual_seed(seed)
-    model = add_lora(load_model(str(model_dir)), lora_dropout=0.0)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.5)
-    model.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {name: _adapter(tiny_llama_dir, root / name, seed) for seed, name in enumerate(["a", "b", "c"], 1)}
+    return {name: str(make_adapter(tiny_llama_dir, root / name, seed)) for seed, name in enumerate(["a", "b", "c"], 1)}
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +43,11 @@ def examples():
 
 
 @pytest.fixture(scope="module")
-def server(config, adapters, examples):
+def server(config, adapters, examples, tmp_path_factory):
     """A server holding adapters a and b (c is loaded by a test), with an admin key."""
     answerer = load_answerer(config, None, examples, named=[("a", adapters["a"]), ("b", adapters["b"])])
-    url, stop = start_server(build_app(answerer, max_batch_size=8, max_wait_ms=50,
-                                       access=Access(admin_key=ADMIN)))
+    url, stop = start_server(build_app(answerer, Limits(max_batch_size=8, max_wait_ms=50), access=Access(admin_key=ADMIN),
+                                       adapter_root=str(tmp_path_factory.getbasetemp())))
     yield url, answerer
     stop()
 
@@ -104,18 +90,17 @@ def test_completions_and_chat_give_the_answer_of_answer_and_of_ask(model, server
 
 
 def test_usage_max_tokens_and_stop(server, client, examples):
-    ex = examples[0]
-    whole = client.completions.create(model="a", prompt=_prompt(ex))
+    wholes = [(ex, client.completions.create(model="a", prompt=_prompt(ex))) for ex in examples]
+    # an answer of several tokens and characters, so that max_tokens and stop both cut it
+    ex, whole = next((ex, w) for ex, w in wholes if w.usage.completion_tokens > 1 and len(w.choices[0].text) > 2)
     assert whole.usage.prompt_tokens > 0 and whole.usage.total_tokens == whole.usage.prompt_tokens + \
         whole.usage.completion_tokens
     one = client.completions.create(model="a", prompt=_prompt(ex), max_tokens=1)
     assert one.usage.completion_tokens == 1
-    if whole.usage.completion_tokens > 1:
-        assert one.choices[0].finish_reason == "length" and whole.choices[0].text.startswith(one.choices[0].text)
+    assert one.choices[0].finish_reason == "length" and whole.choices[0].text.startswith(one.choices[0].text)
     answer = whole.choices[0].text
-    if len(answer) > 2:
-        cut = client.completions.create(model="a", prompt=_prompt(ex), stop=[answer[2:]])
-        assert cut.choices[0].text == answer[:2].rstrip() and cut.choices[0].finish_reason == "stop"
+    cut = client.completions.create(model="a", prompt=_prompt(ex), stop=[answer[2:]])
+    assert cut.choices[0].text == answer[:2].rstrip() and cut.choices[0].finish_reason == "stop"
     chunks = list(client.completions.create(model="a", prompt=_prompt(ex), stream=True,
                                             stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -145,7 +130,8 @@ def test_mixed_adapter_batches_answer_as_each_adapter_alone(server, config, exam
     features, _ = answerer.features(examples)
     for name in (config.model, "a", "b"):
         alone = answerer.decode(features, {f.id: ex.context for f, ex in zip(features, examples)},
-                                adapters={f.id: BASE if name == config.model else name for f in features})
+                                adapters={f.id: BASE if name == config.model else answerer.adapters.handle(name)
+                                              for f in features})
         got = {ex.id: reply["answer"] for (ex, n), (status, reply) in zip(asks, replies) if n == name}
         assert got == {f.id: alone[f.id] for f in features}, name
     assert len({tuple(r[1]["answer"] for r in replies[i::3]) for i in range(3)}) > 1  # the adapters differ
@@ -189,8 +175,6 @@ def test_adapters_load_and_unload_while_eight_clients_ask(server, client, adapte
 
 
 def test_an_adapter_for_another_base_is_refused_in_one_line(server, tiny_model_dir, tmp_path):
-    from conftest import make_adapter
-
     url, _ = server
     gpt2 = make_adapter(tiny_model_dir, tmp_path / "gpt2-adapter")  # c_attn: not a layer of the Llama
     status, reply = request(f"{url}/v1/load_lora_adapter", {"lora_name": "g", "lora_path": str(gpt2)},
@@ -255,11 +239,11 @@ def _content_length(data: bytes) -> int:
 
 
 def test_a_long_prompt_and_a_stalled_body_are_refused_with_the_numbers(config, examples, monkeypatch):
-    from loraqa.inference import request as request_module
+    from loraqa.serve import request as request_module
 
     monkeypatch.setattr(request_module, "READ_SECONDS", 1.0)
     answerer = load_answerer(config, None, examples)
-    url, stop = start_server(build_app(answerer, max_prompt_tokens=20))
+    url, stop = start_server(build_app(answerer, Limits(max_prompt_tokens=20)))
     try:
         status, reply = request(f"{url}/answer", {"context": examples[0].context, "question": examples[0].question})
         assert status == 413 and "over this server's --max-prompt-tokens 20" in reply["error"]
@@ -288,7 +272,7 @@ def test_a_request_that_fails_in_a_batch_fails_alone_without_its_exception(confi
 
     plain = load_answerer(config, None, examples)
     fails = Fails(**{k: getattr(plain, k) for k in plain.__dataclass_fields__})
-    url, stop = start_server(build_app(fails, max_wait_ms=200))
+    url, stop = start_server(build_app(fails, Limits(max_wait_ms=200)))
     try:
         bodies = [{"context": "POISON " + examples[0].context, "question": "Who?"}] + \
                  [{"context": ex.context, "question": ex.question} for ex in examples]

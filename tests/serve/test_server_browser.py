@@ -11,7 +11,7 @@ import pytest
 
 from loraqa.data.examples import Example
 from loraqa.inference.answerer import ask, load_answerer
-from loraqa.inference.server import build_app
+from loraqa.serve.app import build_app
 from conftest import start_server
 
 PASSAGE = ("Super Bowl 50 was an American football game to determine the champion of the National Football "
@@ -76,7 +76,7 @@ def test_the_page_asks_for_the_key_once_and_sends_it(tiny_model_dir):
     from selenium.webdriver.support.ui import WebDriverWait
 
     from loraqa.config import load_config
-    from loraqa.inference.access import Access, host_names
+    from loraqa.serve.access import Access, host_names
 
     config = load_config(None, {"model": str(tiny_model_dir), "precision": "fp32", "max_new_tokens": 5})
     examples = [Example(str(i), "", PASSAGE, q, ()) for i, q in enumerate(QUESTIONS)]

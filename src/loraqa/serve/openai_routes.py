@@ -1,0 +1,121 @@
+"""OpenAI's routes over the batcher: ``POST /v1/completions`` and ``/v1/chat/completions`` (plain
+or streamed as server-sent events), ``GET /v1/models`` and ``/v1/models/{id}``. What a request may
+ask and the shapes that come back: ``serve.openai_api``. The answer is ``/answer``'s for the same
+passage and question."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from loraqa.data.examples import Example
+from loraqa.data.prompt import cut_answer
+from loraqa.serve import openai_api
+from loraqa.serve.request import RequestError, check_fits, parse_json, prompt_feature
+from loraqa.serve.service import Service
+
+
+def prepare(service: Service, body: bytes, chat: bool):
+    """(the request, its one feature, its passage) for an OpenAI route's body. A raw prompt (a
+    completion not in the template's form) is its own passage: ``--constrain-to-context`` holds its
+    answer to a span of it."""
+    answerer = service.answerer
+    request = openai_api.parse_completion(parse_json(body), chat, answerer.settings.template, service.models(),
+                                          answerer.settings.max_new_tokens)
+    if request.prompt is not None:
+        return request, prompt_feature(answerer, request.prompt, service.limits.max_prompt_tokens), request.prompt
+    example = Example("1", "", request.context, request.question, ())
+    return request, check_fits(answerer, [example], True, service.limits.max_prompt_tokens)[0], request.context
+
+
+async def completions(service: Service, request, chat: bool):
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    start = time.perf_counter()
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    try:
+        wanted, feature, passage = await service.off_loop(prepare, service, await service.body_of(request, "key"), chat)
+        adapter = service.adapter_of(wanted.model)
+        if wanted.stream:
+            return StreamingResponse(stream(service, wanted, feature, passage, adapter, start, route),
+                                     media_type="text/event-stream")
+        answers, asked = await service.decoded([feature], passage, None, adapter)
+    except Exception as e:  # noqa: BLE001 - a refusal, or a failure named by an id
+        return service.respond(e, openai=True)
+    text, reason, made = openai_api.finish(service.answerer.tokenizer, asked.tokens[0], answers[0], wanted,
+                                           service.answerer.settings.max_new_tokens)
+    service.answered(route, start)
+    return JSONResponse(openai_api.response(wanted, text, reason, openai_api.usage(feature.n_prompt, made)))
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def stream(service: Service, wanted, feature, passage: str, adapter, start: float, route: str):
+    """Server-sent events: the answer's pieces as its tokens are decoded, then its end. A client that
+    goes away cancels its question, whose row then leaves the batch at its next token."""
+    answerer, settings = service.answerer, service.answerer.settings
+    tokens: asyncio.Queue = asyncio.Queue()
+    deltas = openai_api.Deltas(answerer.tokenizer, wanted, cut_answer(settings.no_answer_text),
+                               hold=settings.na_prob_thresh is not None)
+    task = asyncio.ensure_future(service.decoded([feature], passage, None, adapter,
+                                                 lambda n, token: tokens.put_nowait(token)))
+    try:
+        yield _event(openai_api.chunk(wanted, "", first=True))
+        while not (task.done() and tokens.empty()):
+            try:
+                token = await asyncio.wait_for(tokens.get(), 0.05)
+            except asyncio.TimeoutError:
+                continue
+            if piece := deltas.push(token):
+                yield _event(openai_api.chunk(wanted, piece))
+        answers, asked = task.result()
+        text, reason, made = openai_api.finish(answerer.tokenizer, asked.tokens[0], answers[0], wanted,
+                                               settings.max_new_tokens)
+        if rest := deltas.rest(text):
+            yield _event(openai_api.chunk(wanted, rest))
+        yield _event(openai_api.chunk(wanted, reason=reason))
+        if wanted.include_usage:
+            yield _event(openai_api.chunk(wanted, usage=openai_api.usage(feature.n_prompt, made)))
+        service.answered(route, start)
+    except Exception as e:  # noqa: BLE001 - the stream ends with an error event (a 504, or a 500 naming an id)
+        failed = e if isinstance(e, RequestError) else service.failed(e)
+        service.metrics.status(failed.status)
+        yield _event(openai_api.error_body(failed.status, failed.reason))
+    finally:  # the client is gone (the generator closed), or the answer is out: nothing left to decode
+        task.cancel()
+    yield "data: [DONE]\n\n"
+
+
+def _entry(model: dict, created: int) -> dict:
+    return {"id": model["id"], "object": "model", "created": created, "owned_by": "loraqa", "root": model["id"],
+            "parent": model["parent"]}
+
+
+def _described(service: Service) -> list[dict]:
+    adapters = service.answerer.adapters
+    return adapters.describe() if adapters is not None else [{"id": service.answerer.name, "parent": None}]
+
+
+async def list_models(service: Service, request):
+    from starlette.responses import JSONResponse
+
+    if refused := service.refusal(request, "key"):
+        return service.respond(refused, openai=True)
+    now = int(time.time())
+    return JSONResponse({"object": "list", "data": [_entry(m, now) for m in _described(service)]})
+
+
+async def get_model(service: Service, request):
+    from starlette.responses import JSONResponse
+
+    if refused := service.refusal(request, "key"):
+        return service.respond(refused, openai=True)
+    wanted = request.path_params["model"]
+    found = next((m for m in _described(service) if m["id"] == wanted), None)
+    if found is None:
+        return service.respond(RequestError(404, f"the model {wanted!r} does not exist here; GET /v1/models lists "
+                                                 f"{', '.join(service.models())}"), openai=True)
+    return JSONResponse(_entry(found, int(time.time())))
