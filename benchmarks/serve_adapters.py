@@ -30,7 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve import post, soak, start_server, summary, wait_healthy
+from serve_client import post, soak, start_server, summary, wait_healthy
 
 ADMIN_KEY = "benchmark-admin"
 
@@ -123,7 +123,7 @@ def run_soak(args, bodies: list[dict], deadline: float) -> None:
     os.environ["LORAQA_ADMIN_KEY"] = ADMIN_KEY  # the server reads it
     try:
         adapters = make_adapters(args.adapter, k + 1, folder)
-        named = [x for i in range(k) for x in ("--adapter", f"a{i}={adapters[i]}")]
+        named = [x for i in range(k) for x in ("--adapter", f"a{i}={adapters[i]}")] + ["--adapter-root", str(folder)]
         passages = list(dict.fromkeys(b["context"] for b in bodies))
         asked = [{**b, "model": f"a{passages.index(b['context']) % k}"} for b in bodies]
         reloads, stop = [], threading.Event()
