@@ -179,3 +179,30 @@ def save_family_adapter(family, tokenizer, folder, seed: int, targets="all-linea
             torch.nn.init.normal_(p, std=0.3)
     peft.save_pretrained(folder)
     return str(folder)
+
+
+def pdf_bytes(pages: list[str]) -> bytes:
+    """A minimal PDF whose pages hold ``pages``' text in Helvetica (one line each)."""
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for text in pages:
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream.decode()}\nendstream")
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objects)} 0 R "
+                       "/Resources << /Font << /F1 3 0 R >> >> >>")
+        kids.append(f"{len(objects)} 0 R")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for n, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{n} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+# a document longer than a small window, the answer to "When was the mill rebuilt?" in its last sentence
+LONG_DOCUMENT = " ".join(f"Paragraph {n} tells of the river, the hills and the old roads of the valley."
+                         for n in range(60)) + "\n\nThe mill was rebuilt in 1887 by the Muller family."

@@ -28,10 +28,10 @@ TRAIN_FLAGS = list(fields())
 EVAL_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "eval_file", "dataset", "columns", "allow_unanswerable",
               "no_answer_text", "method", "doc_stride", "max_eval_examples", "template", "max_length",
               "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "constrain_to_context", "na_prob_thresh",
-              "precision", "seed", "output_dir"]
+              "precision", "seed", "output_dir", "window_tokens", "windows_per_question", "document_level"]
 ASK_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "template", "max_length", "no_answer_text", "method", "doc_stride",
              "allow_unanswerable", "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "constrain_to_context",
-             "na_prob_thresh", "precision", "seed"]
+             "na_prob_thresh", "precision", "seed", "window_tokens", "windows_per_question"]
 MERGE_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "method", "seed"]
 EXPORT_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "method", "template", "max_new_tokens", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
@@ -116,8 +116,12 @@ def _add_ask(sub) -> None:
     context = p.add_mutually_exclusive_group()
     context.add_argument("--context", help="the passage to answer from")
     context.add_argument("--context-file", help="a text file holding the passage")
-    p.add_argument("--question", help="the question (with --context or --context-file)")
-    p.add_argument("--input", help="JSONL of {context, question, id?}; answers go to --output as JSONL")
+    context.add_argument("--document", help="a document to answer from, of any length: text, Markdown, HTML or PDF "
+                                            "(pip install 'loraqa[documents]'); read in windows, each answer with "
+                                            "where it came from")
+    p.add_argument("--question", help="the question (with --context, --context-file or --document)")
+    p.add_argument("--input", help="JSONL of {context, question, id?} ({question, id?} with --document); answers go "
+                                   "to --output as JSONL")
     p.add_argument("--output", help="JSONL answers file for --input (default: standard output)")
 
 
@@ -253,44 +257,72 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_ask(args: argparse.Namespace) -> None:
     from loraqa.data.examples import Example
+    from loraqa.data.extract import read_document
     from loraqa.data.load import read_questions
     from loraqa.inference.answerer import ask
     from loraqa.io import write_text_atomic
 
     config = _config(args, ASK_FLAGS)
+    document = read_document(args.document) if args.document else None
     if args.input:
         if args.question or args.context or args.context_file:
             raise ValueError("--input replaces --context/--context-file/--question; give one or the other")
-        examples = read_questions(args.input)
+        examples = read_questions(args.input, document.text if document else None)
     else:
-        if not args.question or not (args.context or args.context_file):
-            raise ValueError("give --question with --context or --context-file (or --input FILE.jsonl)")
+        if not args.question or not (args.context or args.context_file or document):
+            raise ValueError("give --question with --context, --context-file or --document (or --input FILE.jsonl)")
         try:
-            context = args.context or Path(args.context_file).read_text(encoding="utf-8")
+            context = document.text if document else args.context or Path(args.context_file).read_text(encoding="utf-8")
         except OSError as e:
             raise ValueError(f"--context-file {args.context_file}: cannot read: {e.strerror}") from None
         examples = [Example("1", "", context, args.question, ())]
-    answers = ask(config, args.adapter, examples)
+    sources: dict = {}
+    answers = ask(config, args.adapter, examples, sources=sources)
+    rows = [_answer_row(ex, answers[ex.id], document, sources.get(ex.id)) for ex in examples]
     if not args.input:
         if answers["1"] is None:
             raise ValueError("the question does not fit the model's window with an answer, even with no passage; "
                              "shorten it, or raise --max-length")
         print(answers["1"])  # an empty line when the model says the passage does not answer it
-        if not answers["1"]:
+        if document:
+            print(f"[loraqa] {_where(rows[0])}", file=sys.stderr)
+        elif not answers["1"]:
             print("[loraqa] no answer: the model says the passage does not answer the question", file=sys.stderr)
         return
-    lines = "".join(json.dumps(_answer_row(ex, answers[ex.id]), ensure_ascii=False) + "\n" for ex in examples)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if args.output:
         write_text_atomic(args.output, lines)
     else:
         sys.stdout.write(lines)
 
 
-def _answer_row(example, answer: str | None) -> dict:
-    """One line of ``ask --input``'s output: the answer, or why there is none."""
+def _where(row: dict) -> str:
+    """Where a document's answer came from, in words."""
+    if row["no_answer"]:
+        return "not found in the document" + (f" ({row['windows_read']} windows read)" if "windows_read" in row else "")
+    place = f"characters {row['start']}-{row['end']}" if row.get("start") is not None else "not a span of the document"
+    page = f", page {row['page']}" if row.get("page") else ""
+    window = f", window {row['window']} (characters {row['window_start']}-{row['window_end']}, score " \
+             f"{row['score']:.3f})" if "window" in row else ""
+    return f"from {place}{page}{window}"
+
+
+def _answer_row(example, answer: str | None, document=None, source=None) -> dict:
+    """One line of ``ask --input``'s output: the answer, or why there is none; for a ``--document``,
+    where it came from (character offsets, page, the window and its score)."""
     row = {"id": example.id, "question": example.question, "answer": answer, "no_answer": answer == ""}
     if answer is None:
         row["error"] = "not answered: the question does not fit the model's window, even with no passage"
+    if document is None or not answer:
+        return {**row, **({"windows_read": source.windows_read} if source is not None and answer == "" else {})}
+    if source is not None:
+        row.update({"start": source.start, "end": source.end, "window": source.window,
+                    "window_start": source.window_start, "window_end": source.window_end,
+                    "score": round(source.score, 4), "windows_read": source.windows_read})
+    else:  # the document fit one window
+        at = example.context.find(answer)
+        row.update({"start": at if at >= 0 else None, "end": at + len(answer) if at >= 0 else None})
+    row["page"] = document.page_of(row["start"])
     return row
 
 

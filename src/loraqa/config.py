@@ -93,7 +93,16 @@ class Config:
     na_prob_thresh: float | None = _f(
         None, "generation: say 'no answer' exactly when its probability is above this (a run's squad_v2 "
               "best_f1_thresh); default: greedy decoding's own choice")
-    doc_stride: int = _f(128, "span: tokens shared by neighbouring windows of a long context")
+    doc_stride: int = _f(128, "tokens shared by neighbouring windows of a long passage (generation and span)")
+    window_tokens: int = _f(1024, "a passage longer than this many tokens (or than the prompt budget) is read in "
+                                  "windows of at most this many, and one answer chosen across them")
+    windows_per_question: int = _f(3, "how many of a long passage's windows each question is read in (the best "
+                                      "by BM25)")
+    document_level: bool = _f(False, "evaluate: ask each question against its whole document (its title's "
+                                     "paragraphs joined, SQuAD-document) instead of its paragraph")
+    negative_windows: int = _f(0, "train: for each question, this many windows of its whole document that do not "
+                                  "hold its answer, as unanswerable examples (a reader for documents learns to say "
+                                  "'not here')")
     # --- output ------------------------------------------------------------------------------
     output_dir: str = _f("runs/latest", "run folder (config, history, predictions, metrics, adapter)")
 
@@ -103,10 +112,13 @@ class Config:
     def validate(self) -> None:
         """Raise ValueError naming the setting; called on every construction and override."""
         for name in ("r", "epochs", "batch_size", "eval_batch_size", "eval_batch_tokens", "max_new_tokens",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "window_tokens", "windows_per_question"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_steps", "eval_loss_examples"):
+        if not 0 <= self.doc_stride < self.window_tokens:
+            raise ValueError(f"--doc-stride must be in 0..{self.window_tokens - 1} (below --window-tokens), "
+                             f"got {self.doc_stride}")
+        for name in ("save_steps", "eval_loss_examples", "negative_windows"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("max_train_examples", "max_eval_examples", "max_length", "max_batch_tokens"):

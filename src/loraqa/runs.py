@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from loraqa.config import RESUME_MAY_CHANGE, Config, save_config
+from loraqa.data.documents import document_level
 from loraqa.data.examples import Example
 from loraqa.data.load import load_examples
 from loraqa.io import log, write_json_atomic, write_jsonl_atomic
@@ -24,11 +25,14 @@ CHECKPOINTS = "checkpoints"
 
 def load_questions(config: Config, split: str) -> list[Example]:
     """The run's ``train`` or ``validation`` questions: ``--train-file`` / ``--eval-file`` (else the
-    hub dataset's split), the first ``--max-train-examples`` / ``--max-eval-examples``."""
+    hub dataset's split), the first ``--max-train-examples`` / ``--max-eval-examples``; with
+    ``--document-level``, the evaluation questions each against its whole document."""
     path, limit = ((config.train_file, config.max_train_examples) if split == "train"
                    else (config.eval_file, config.max_eval_examples))
-    return load_examples(path, split, limit, dataset=config.dataset, columns=config.columns,
-                         allow_unanswerable=config.allow_unanswerable)
+    whole = split != "train" and config.document_level  # each question against its whole document
+    examples = load_examples(path, split, None if whole else limit, dataset=config.dataset, columns=config.columns,
+                             allow_unanswerable=config.allow_unanswerable)
+    return document_level(examples)[:limit] if whole else examples
 
 
 def claim_output_dir(config: Config) -> Path:

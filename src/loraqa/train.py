@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from loraqa.config import Config
+from loraqa.data.documents import document_windows
 from loraqa.data.examples import Example
 from loraqa.data.features import build_eval_features, build_train_features
+from loraqa.inference.documents import rank, window_size
 from loraqa.inference.evaluation import evaluate
 from loraqa.inference.paths import check_support
 from loraqa.inference.settings import DecodeSettings
@@ -136,6 +138,8 @@ def build_features(config: Config, tokenizer, train_examples: list[Example], eva
             build_span_features(tokenizer, examples, max_length, config.doc_stride)
             for examples in (train_examples, eval_loss_examples))
     else:
+        if config.negative_windows:  # read as documents are: windows holding the answer, and windows that do not
+            train_examples = windows_for_training(config, tokenizer, train_examples, max_length, processes)
         (features, stats), (eval_features, eval_stats) = (
             build_train_features(tokenizer, examples, config.template, max_length, no_answer_text=config.no_answer_text)
             for examples in (train_examples, eval_loss_examples))
@@ -145,6 +149,21 @@ def build_features(config: Config, tokenizer, train_examples: list[Example], eva
     if not features:
         raise ValueError(f"no training example fits --max-length {max_length}")
     return features, stats, eval_features
+
+
+def windows_for_training(config: Config, tokenizer, examples: list[Example], max_length: int,
+                         processes: Processes) -> list[Example]:
+    """Each question in a window of its whole document that holds its answer, and in
+    ``--negative-windows`` windows that do not (the ones BM25 ranks first), as unanswerable examples;
+    windows cut as answering cuts them (``inference.documents``)."""
+    settings = DecodeSettings.from_config(config, max_length)
+    size = window_size(tokenizer, settings)
+    windows = document_windows(tokenizer, examples, size, min(config.doc_stride, size // 2), config.negative_windows,
+                               lambda question, texts: rank(question, texts, config.negative_windows))
+    processes.log(f"train: {len(examples)} questions read as documents are, in windows of at most {size} tokens: "
+                  f"{sum(ex.answerable for ex in windows)} answerable, {sum(not ex.answerable for ex in windows)} "
+                  "windows that do not hold the answer")
+    return windows
 
 
 def saved_for_answering(config: Config, out: Path, device: torch.device):
@@ -182,8 +201,8 @@ def save_trained(model, tokenizer, config: Config, max_length: int, out: Path, w
     """adapter/ (LoRA, with the prompt settings and the base weights it was trained on beside it)
     or model/ + tokenizer (full)."""
     settings = {"template": config.template, "max_length": max_length, "no_answer_text": config.no_answer_text,
-                "method": config.method, "doc_stride": config.doc_stride,
-                "model": config.model, "init": config.init, "seed": config.seed, "base_weights": weights}
+                "method": config.method, "doc_stride": config.doc_stride, "window_tokens": config.window_tokens,
+                "windows_per_question": config.windows_per_question, "model": config.model, "init": config.init, "seed": config.seed, "base_weights": weights}
 
     def write(folder: Path) -> None:
         if config.method == "full":

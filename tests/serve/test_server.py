@@ -68,7 +68,7 @@ def test_many_questions_in_one_request_come_back_in_order(server, config, exampl
     ({"context": ["Denver"], "question": "Who?"}, 422, "'context'"),
     ({"questions": []}, 422, "non-empty list"),
     ({"questions": [{"context": "Denver won.", "question": "Who?"}, "x"]}, 422, "questions[1]"),
-    ({"context": "Denver won the game. " * 200, "question": "Who won?"}, 422, "passage too long"),
+    ({"context": "Denver won the game.", "question": "Who won the game? " * 200}, 422, "question too long"),
     (b'{"context": "' + b"a" * MAX_BODY_BYTES + b'", "question": "Who?"}', 413, "body over"),
 ])
 def test_bad_requests_get_a_4xx_with_a_reason_and_the_server_goes_on(server, body, status, reason):
@@ -98,8 +98,9 @@ def test_the_batcher_takes_whole_passages_oldest_first_within_its_bound():
         adapters = None
         settings = DecodeSettings(64)
 
-        def decode(self, features, contexts, progress=False, adapters=None, on_token=None):
+        def decode(self, features, contexts, progress=False, adapters=None, on_token=None, na_probs=None):
             time.sleep(0.2)
+            na_probs.update({f.id: 0.0 for f in features})
             self.batches.append([f.input_ids[0] for f in features])
             return {f.id: str(f.input_ids[0]) for f in features}
 
@@ -141,7 +142,8 @@ def test_a_model_that_cannot_mix_adapters_gets_one_adapter_a_batch():
         adapters = Adapters()
         settings = DecodeSettings(64)
 
-        def decode(self, features, contexts, progress=False, adapters=None, on_token=None):
+        def decode(self, features, contexts, progress=False, adapters=None, on_token=None, na_probs=None):
+            na_probs.update({f.id: 0.0 for f in features})
             self.batches.append(sorted(set(adapters.values())))
             return {f.id: "x" for f in features}
 
@@ -156,3 +158,29 @@ def test_a_model_that_cannot_mix_adapters_gets_one_adapter_a_batch():
 
     asyncio.run(scenario())
     assert all(len(b) == 1 for b in Recorder.batches) and len(Recorder.batches) == 3
+
+
+def test_a_long_passage_is_read_in_windows_and_says_where_its_answer_came_from(config, examples):
+    """The server answers a passage longer than a window as `ask` does, with the window; a passage
+    over --max-document-tokens is a 413, one over --max-prompt-tokens no longer (a window's prompt is)."""
+    from conftest import LONG_DOCUMENT, SQUAD
+
+    from loraqa.config import load_config
+    from loraqa.data.examples import Example
+    from loraqa.data.squad import load_squad_file
+
+    small = load_config(None, {**config.to_dict(), "window_tokens": 120, "doc_stride": 30})
+    question = "When was the mill rebuilt?"
+    expected = ask(small, None, [Example("1", "", LONG_DOCUMENT, question, ())])["1"]
+    answerer = load_answerer(small, None, load_squad_file(SQUAD))
+    url, stop = start_server(build_app(answerer, Limits(max_prompt_tokens=400, max_document_tokens=5000)))
+    try:
+        status, reply = request(f"{url}/answer", {"context": LONG_DOCUMENT, "question": question})
+        assert status == 200 and reply["answer"] == expected and reply["window"]["windows_read"] == 3
+        assert 0 <= reply["window"]["start"] < reply["window"]["end"] <= len(LONG_DOCUMENT)
+        if reply["start"] is not None:
+            assert LONG_DOCUMENT[reply["start"]:reply["end"]] == reply["answer"]
+        status, reply = request(f"{url}/answer", {"context": LONG_DOCUMENT * 3, "question": question})
+        assert status == 413 and "--max-document-tokens 5,000" in reply["error"]
+    finally:
+        stop()

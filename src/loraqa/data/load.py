@@ -59,9 +59,10 @@ def sample_file(split: str) -> Path:
     return Path(str(files("loraqa") / "samples" / f"squad-{split}.json.gz"))
 
 
-def read_questions(path: str) -> list[Example]:
+def read_questions(path: str, document: str | None = None) -> list[Example]:
     """JSONL, one {"context": ..., "question": ..., "id"?: ...} per line; a line without an id is
-    called by its number. Ids must be unique (two answers under one id would be one)."""
+    called by its number. Ids must be unique (two answers under one id would be one). With a
+    ``document``, the lines are {"question": ..., "id"?: ...}, each asked about it."""
     examples, lines_of = [], {}
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -79,7 +80,9 @@ def read_questions(path: str) -> list[Example]:
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {n}: not a JSON object but {type(row).__name__}; "
                             'each line is {"context": ..., "question": ..., "id"?: ...}')
-        for key in ("context", "question"):
+        if document is not None and "context" in row:
+            raise DataError(f"{path}: line {n}: field 'context' with --document (the document is every question's)")
+        for key in ("question",) if document is not None else ("context", "question"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise DataError(f"{path}: line {n}: field '{key}' must be a non-empty string")
         if "id" in row and (not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool)):
@@ -90,7 +93,7 @@ def read_questions(path: str) -> list[Example]:
             whose = f"line {first}'s id" if explicit else f"line {first}'s number (a line without an id is called by it)"
             raise DataError(f"{path}: line {n}: id {qid!r} is also {whose}; ids must be unique")
         lines_of[qid] = (n, "id" in row)
-        examples.append(Example(qid, "", row["context"], row["question"], ()))
+        examples.append(Example(qid, "", row["context"] if document is None else document, row["question"], ()))
     if not examples:
         raise DataError(f"{path}: no questions")
     return examples

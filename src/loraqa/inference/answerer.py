@@ -11,6 +11,7 @@ import torch
 from loraqa.config import Config
 from loraqa.data.examples import Example
 from loraqa.data.features import Feature, FeatureStats, build_eval_features
+from loraqa.inference.documents import read
 from loraqa.inference.generate import predict, prefill_probe
 from loraqa.inference.paths import check_support
 from loraqa.inference.settings import DecodeSettings
@@ -64,12 +65,13 @@ class Answerer:
                                    self.settings.max_new_tokens)
 
     def decode(self, features: list[Feature], contexts: dict[str, str], progress: bool = False,
-               adapters: dict[str, str] | None = None, on_token=None) -> dict[str, str]:
+               adapters: dict[str, str] | None = None, on_token=None,
+               na_probs: dict[str, float] | None = None) -> dict[str, str]:
         """{feature id: answer}; questions on the same passage share its prefill. ``contexts``
         ({feature id: passage}) hold answers to spans under ``--constrain-to-context``; ``adapters``
-        ({feature id: adapter name, or ``model.adapters.BASE``}) and ``on_token`` as ``predict`` takes them."""
+        ({feature id: adapter handle, or ``BASE``}), ``on_token`` and ``na_probs`` as ``predict`` takes them."""
         return predict(self.model, self.tokenizer, features, self.settings, self.device, self.precision,
-                       contexts=contexts, progress=progress, adapters=adapters, on_token=on_token)
+                       contexts=contexts, progress=progress, adapters=adapters, on_token=on_token, na_probs=na_probs)
 
     def attach(self, adapter: ReadAdapter) -> None:
         """Add a read adapter (``model.adapters``): on the decoding thread, between batches."""
@@ -97,10 +99,12 @@ def load_answerer(config: Config, adapter: str | None, probe_examples: list[Exam
     return answerer
 
 
-def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False
-        ) -> dict[str, str | None]:
-    """{id: answer} for each example, decoded in batches; None for a question that could not be
-    asked (too long to fit the model's window even with no passage), counted and named in the log."""
+def ask(config: Config, adapter: str | None, examples: list[Example], progress: bool = False,
+        sources: dict | None = None) -> dict[str, str | None]:
+    """{id: answer} for each example, decoded in batches, a passage longer than a window read in
+    windows (``inference.documents``; ``sources``, when given, gets where each of those answers came
+    from); None for a question that could not be asked (too long to fit the model's window even
+    with no passage), counted and named in the log."""
     answerer = load_answerer(config, adapter, examples)
     settings = answerer.settings
     if settings.method == "span":
@@ -110,12 +114,14 @@ def ask(config: Config, adapter: str | None, examples: list[Example], progress: 
                                   allow_no_answer=settings.allow_unanswerable,
                                   max_answer_tokens=settings.max_new_tokens, progress=progress)
         return {ex.id: answers.get(ex.id, "") for ex in examples}
-    features, stats = answerer.features(examples)
-    if stats.windowed:
-        log(f"{stats.windowed} passages cut to fit {settings.max_length} tokens")
-    answers = answerer.decode(features, {ex.id: ex.context for ex in examples}, progress)
-    unasked = [ex.id for ex in examples if ex.id not in answers]
+    done = read(answerer.model, answerer.tokenizer, examples, settings, answerer.device, answerer.precision,
+                progress=progress)
+    if done.stats.windowed:
+        log(f"{done.stats.windowed} passages cut to fit {settings.max_length} tokens")
+    if sources is not None:
+        sources.update(done.sources)
+    unasked = [ex.id for ex in examples if ex.id not in done.answers]
     if unasked:
         log(f"{len(unasked)} question(s) not answered: too long to fit in {settings.max_length} tokens with the "
             f"answer, even with no passage: {', '.join(unasked[:10])}{' ...' if len(unasked) > 10 else ''}")
-    return {ex.id: answers.get(ex.id) for ex in examples}
+    return {ex.id: done.answers.get(ex.id) for ex in examples}

@@ -7,8 +7,7 @@ import time
 import torch
 
 from loraqa.data.examples import Example
-from loraqa.data.features import build_eval_features
-from loraqa.inference.generate import predict
+from loraqa.inference.documents import read
 from loraqa.inference.settings import DecodeSettings
 from loraqa.model.span import answer_spans
 from loraqa.scoring.analysis import analyse
@@ -33,6 +32,7 @@ def evaluate(model, tokenizer, examples: list[Example], settings: DecodeSettings
     start = time.perf_counter()
     probs: dict[str, float] = {}
     route = {"path": settings.method, "generate": 0}
+    windows = {}
     show = progress and processes.is_main
     if settings.method == "span":
         share = examples[processes.rank::processes.world]
@@ -43,12 +43,17 @@ def evaluate(model, tokenizer, examples: list[Example], settings: DecodeSettings
         counts = processes.sum(torch.tensor([stats.windowed, stats.dropped], dtype=torch.float64, device=device))
         stats.windowed, stats.dropped = int(counts[0]), int(counts[1])
         asked = len(examples)  # questions answered, for the rate below
-    else:
-        features, stats = build_eval_features(tokenizer, examples, settings.template, settings.max_length,
-                                              settings.max_new_tokens)
-        mine = predict(model, tokenizer, features[processes.rank::processes.world], settings, device, precision,
-                       contexts={ex.id: ex.context for ex in examples}, na_probs=probs, progress=show, route=route)
-        asked = len(features)  # a question too long to ask has no feature
+    else:  # each process reads a share of the questions (a long passage in windows: inference.documents)
+        done = read(model, tokenizer, examples[processes.rank::processes.world], settings, device, precision,
+                    progress=show, route=route)
+        mine, stats = done.answers, done.stats
+        probs.update(done.na_probs)
+        counts = processes.sum(torch.tensor([stats.windowed, stats.dropped, done.documents, done.windows,
+                                             done.window_questions, len(mine)], dtype=torch.float64, device=device))
+        stats.windowed, stats.dropped = int(counts[0]), int(counts[1])
+        windows = {"documents_in_windows": int(counts[2]), "windows": int(counts[3]),
+                   "window_questions": int(counts[4])}
+        asked = int(counts[5])  # a question too long to ask has no answer
     generated = dict(processes.gather([(qid, (answer, probs[qid])) for qid, answer in mine.items()]))
     seconds = time.perf_counter() - start
     predictions = {ex.id: generated.get(ex.id, ("", 1.0))[0] for ex in examples}  # file order
@@ -65,6 +70,7 @@ def evaluate(model, tokenizer, examples: list[Example], settings: DecodeSettings
         "eval_generate_questions": int(processes.sum(torch.tensor([route["generate"]], dtype=torch.float64,
                                                                   device=device))[0]),
         "constrain_to_context": settings.constrain_to_context,
+        **windows,
         "na_prob_thresh": settings.na_prob_thresh,
         "analysis": analyse(examples, predictions),
     })

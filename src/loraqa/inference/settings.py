@@ -20,7 +20,9 @@ class DecodeSettings:
     constrain_to_context: bool = False  # every answer a span of its passage (inference.constrain)
     na_prob_thresh: float | None = None  # "no answer" exactly where its probability is above this
     method: str = "lora"             # "span": read answers off a span head instead of generating
-    doc_stride: int = 128            # span: tokens shared by neighbouring windows
+    doc_stride: int = 128            # tokens shared by neighbouring windows of a long passage
+    window_tokens: int = 1024        # a passage longer than this is read in windows (inference.documents)
+    windows_per_question: int = 3    # how many of them each question is read in
     allow_unanswerable: bool = False  # span: "no answer" may win (ask; evaluate decides by its data)
 
     @classmethod
@@ -30,4 +32,5 @@ class DecodeSettings:
                    batch_size=config.eval_batch_size, batch_tokens=config.eval_batch_tokens,
                    no_answer_text=config.no_answer_text, constrain_to_context=config.constrain_to_context,
                    na_prob_thresh=config.na_prob_thresh, method=config.method, doc_stride=config.doc_stride,
+                   window_tokens=config.window_tokens, windows_per_question=config.windows_per_question,
                    allow_unanswerable=config.allow_unanswerable)

@@ -24,7 +24,8 @@ ALL_LINEAR = "all-linear"
 SPAN_HEAD = "qa_outputs"  # transformers' name for the start/end head of *ForQuestionAnswering
 ADAPTER_SETTINGS = "loraqa.json"  # beside the adapter: how prompts were built for it
 # what of a run's settings ``adapter_settings`` hands to a later evaluate / ask / serve / merge
-PROMPT_SETTINGS = ("template", "max_length", "no_answer_text", "method", "doc_stride")
+PROMPT_SETTINGS = ("template", "max_length", "no_answer_text", "method", "doc_stride", "window_tokens",
+                   "windows_per_question")
 
 
 # attention projections by their usual names, for families PEFT has no defaults for: the query and

@@ -35,6 +35,7 @@ class Ask:
     contexts: list[str] | None = None     # each question's passage (answers held to it)
     on_token: object = None               # on_token(question index, token id), called on the event loop
     tokens: list[list[int]] = field(default_factory=list)  # each question's tokens, as decoded
+    na_probs: list[float] = field(default_factory=list)    # each question's no-answer probability
 
 
 def decoding_thread() -> ThreadPoolExecutor:
@@ -156,7 +157,7 @@ class Batcher:
                 loop.call_soon_threadsafe(item.on_token, n, token)
             return item.done.done()
 
-        gone, answers = await loop.run_in_executor(self.worker, self._decode_held, batch, heard)
+        gone, answers, probs = await loop.run_in_executor(self.worker, self._decode_held, batch, heard)
         for item in gone:
             if not item.done.done():
                 item.done.set_exception(RequestError(404, f"the model {display_name(item.adapter)!r} was unloaded"))
@@ -165,20 +166,22 @@ class Batcher:
         self.questions += sum(len(a.features) for a in answered)
         for item in answered:
             if not item.done.done():  # a client that went away cancelled its future
+                item.na_probs = [probs[f.id] for f in item.features]
                 item.done.set_result([answers[f.id] for f in item.features])
 
-    def _decode_held(self, batch: list[Ask], heard) -> tuple[list[Ask], dict[str, str]]:
+    def _decode_held(self, batch: list[Ask], heard) -> tuple[list[Ask], dict[str, str], dict[str, float]]:
         """On the decoding thread, where adapters are attached and removed: (the requests whose
-        adapter is no longer held, the others' answers)."""
+        adapter is no longer held, the others' answers, their no-answer probabilities)."""
         adapters = self.answerer.adapters
         gone = [a for a in batch if a.adapter is not None and not adapters.holds(a.adapter)]
         asks = [a for a in batch if all(a is not g for g in gone)]
         features = [f for a in asks for f in a.features]
         if not features:
-            return gone, {}
+            return gone, {}, {}
         contexts = {f.id: c for a in asks for f, c in zip(a.features, a.contexts)}
         routes = None if adapters is None else {f.id: a.adapter or BASE for a in asks for f in a.features}
-        return gone, self.answerer.decode(features, contexts, adapters=routes, on_token=heard)
+        probs: dict[str, float] = {}
+        return gone, self.answerer.decode(features, contexts, adapters=routes, on_token=heard, na_probs=probs), probs
 
     async def between_batches(self, work):
         """``work()`` on the decoding thread, after the batch decoding now (if any), before the next."""

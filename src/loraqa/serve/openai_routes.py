@@ -12,21 +12,38 @@ import time
 from loraqa.data.examples import Example
 from loraqa.data.prompt import cut_answer
 from loraqa.serve import openai_api
-from loraqa.serve.request import RequestError, check_fits, parse_json, prompt_feature
+from loraqa.inference.documents import SEP, gather
+from loraqa.serve.request import RequestError, parse_json, prompt_feature
 from loraqa.serve.service import Service
 
 
 def prepare(service: Service, body: bytes, chat: bool):
-    """(the request, its one feature, its passage) for an OpenAI route's body. A raw prompt (a
-    completion not in the template's form) is its own passage: ``--constrain-to-context`` holds its
-    answer to a span of it."""
+    """(the request, its plan or None, its features, its passages) for an OpenAI route's body. A raw
+    prompt (a completion not in the template's form) is asked as it stands and is its own passage:
+    ``--constrain-to-context`` holds its answer to a span of it. A passage and question are asked as
+    ``/answer`` asks them (a long passage in its windows)."""
     answerer = service.answerer
     request = openai_api.parse_completion(parse_json(body), chat, answerer.settings.template, service.models(),
                                           answerer.settings.max_new_tokens)
     if request.prompt is not None:
-        return request, prompt_feature(answerer, request.prompt, service.limits.max_prompt_tokens), request.prompt
-    example = Example("1", "", request.context, request.question, ())
-    return request, check_fits(answerer, [example], True, service.limits.max_prompt_tokens)[0], request.context
+        return request, None, [prompt_feature(answerer, request.prompt, service.limits.max_prompt_tokens)], \
+            [request.prompt]
+    asked, features = service.fits([Example("1", "", request.context, request.question, ())], True)
+    return request, asked, features, [ex.context for ex in asked.asked]
+
+
+def finished(service: Service, wanted, asked, features, answers: list[str], item) -> tuple[str, str, int, int]:
+    """(answer, finish_reason, tokens decoded, prompt tokens): ``/answer``'s answer, and for a passage
+    read in windows the chosen window's tokens."""
+    at = 0
+    if asked is not None and asked.long:
+        ids = [ex.id for ex in asked.asked]
+        done = gather(asked, dict(zip(ids, answers)), dict(zip(ids, item.na_probs)), service.answerer.settings)
+        at = ids.index(f"1{SEP}{done.sources['1'].window}")
+        answers = [done.answers["1"] if i == at else a for i, a in enumerate(answers)]
+    text, reason, made = openai_api.finish(service.answerer.tokenizer, item.tokens[at], answers[at], wanted,
+                                           service.answerer.settings.max_new_tokens)
+    return text, reason, made, features[at].n_prompt
 
 
 async def completions(service: Service, request, chat: bool):
@@ -35,33 +52,35 @@ async def completions(service: Service, request, chat: bool):
     start = time.perf_counter()
     route = "/v1/chat/completions" if chat else "/v1/completions"
     try:
-        wanted, feature, passage = await service.off_loop(prepare, service, await service.body_of(request, "key"), chat)
+        wanted, asked, features, contexts = await service.off_loop(prepare, service,
+                                                                   await service.body_of(request, "key"), chat)
         adapter = service.adapter_of(wanted.model)
         if wanted.stream:
-            return StreamingResponse(stream(service, wanted, feature, passage, adapter, start, route),
+            return StreamingResponse(stream(service, wanted, asked, features, contexts, adapter, start, route),
                                      media_type="text/event-stream")
-        answers, asked = await service.decoded([feature], passage, None, adapter)
+        answers, item = await service.decoded(features, contexts[0], contexts, adapter)
     except Exception as e:  # noqa: BLE001 - a refusal, or a failure named by an id
         return service.respond(e, openai=True)
-    text, reason, made = openai_api.finish(service.answerer.tokenizer, asked.tokens[0], answers[0], wanted,
-                                           service.answerer.settings.max_new_tokens)
+    text, reason, made, prompt = finished(service, wanted, asked, features, answers, item)
     service.answered(route, start)
-    return JSONResponse(openai_api.response(wanted, text, reason, openai_api.usage(feature.n_prompt, made)))
+    return JSONResponse(openai_api.response(wanted, text, reason, openai_api.usage(prompt, made)))
 
 
 def _event(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def stream(service: Service, wanted, feature, passage: str, adapter, start: float, route: str):
+async def stream(service: Service, wanted, asked, features, contexts: list[str], adapter, start: float, route: str):
     """Server-sent events: the answer's pieces as its tokens are decoded, then its end. A client that
-    goes away cancels its question, whose row then leaves the batch at its next token."""
-    answerer, settings = service.answerer, service.answerer.settings
+    goes away cancels its question, whose row then leaves the batch at its next token. A passage read
+    in windows sends its answer whole once one is chosen."""
+    settings = service.answerer.settings
     tokens: asyncio.Queue = asyncio.Queue()
-    deltas = openai_api.Deltas(answerer.tokenizer, wanted, cut_answer(settings.no_answer_text),
-                               hold=settings.na_prob_thresh is not None)
-    task = asyncio.ensure_future(service.decoded([feature], passage, None, adapter,
-                                                 lambda n, token: tokens.put_nowait(token)))
+    windows = len(features) > 1
+    deltas = openai_api.Deltas(service.answerer.tokenizer, wanted, cut_answer(settings.no_answer_text),
+                               hold=windows or settings.na_prob_thresh is not None)
+    task = asyncio.ensure_future(service.decoded(features, contexts[0], contexts, adapter,
+                                                 None if windows else lambda n, token: tokens.put_nowait(token)))
     try:
         yield _event(openai_api.chunk(wanted, "", first=True))
         while not (task.done() and tokens.empty()):
@@ -71,14 +90,13 @@ async def stream(service: Service, wanted, feature, passage: str, adapter, start
                 continue
             if piece := deltas.push(token):
                 yield _event(openai_api.chunk(wanted, piece))
-        answers, asked = task.result()
-        text, reason, made = openai_api.finish(answerer.tokenizer, asked.tokens[0], answers[0], wanted,
-                                               settings.max_new_tokens)
+        answers, item = task.result()
+        text, reason, made, prompt = finished(service, wanted, asked, features, answers, item)
         if rest := deltas.rest(text):
             yield _event(openai_api.chunk(wanted, rest))
         yield _event(openai_api.chunk(wanted, reason=reason))
         if wanted.include_usage:
-            yield _event(openai_api.chunk(wanted, usage=openai_api.usage(feature.n_prompt, made)))
+            yield _event(openai_api.chunk(wanted, usage=openai_api.usage(prompt, made)))
         service.answered(route, start)
     except Exception as e:  # noqa: BLE001 - the stream ends with an error event (a 504, or a 500 naming an id)
         failed = e if isinstance(e, RequestError) else service.failed(e)

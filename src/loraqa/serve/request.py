@@ -1,5 +1,5 @@
 """What the server reads from a request: the body (every oversized one answered with a 413), the
-questions in it, each checked, and whether each passage fits the model uncut."""
+questions in it, each checked, and the questions asked for them (a long passage's in its windows)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from loraqa.data.examples import Example
 from loraqa.data.features import Feature
 from loraqa.inference.answerer import Answerer
+from loraqa.inference.documents import SEP, plan
 
 MAX_BODY_BYTES = 1 << 20
 MAX_QUESTIONS = 256  # in one request; a request is never split across batches
@@ -18,6 +19,8 @@ READ_SECONDS = 10.0  # a body not received in this long, whatever its size, is c
 # tokens one request's prompt may hold (--max-prompt-tokens): a prefill of 2,048 tokens takes a few
 # seconds on 2 CPU cores for a 135M model (SmolLM2: ~1.4 ms a token), and a batch waits for it
 MAX_PROMPT_TOKENS = 2048
+# tokens one passage may hold (--max-document-tokens): it is read in windows, each question in a few of them
+MAX_DOCUMENT_TOKENS = 1 << 17
 
 
 class RequestError(Exception):
@@ -64,22 +67,34 @@ def parse_questions(body: bytes) -> tuple[list[Example], bool, str | None]:
 
 
 def check_fits(answerer: Answerer, examples: list[Example], single: bool,
-               max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> list:
-    """One feature per example; ``RequestError`` for a passage that does not fit uncut (422) or a
-    prompt over ``max_prompt_tokens`` (413), with the numbers."""
-    features = []
+               max_prompt_tokens: int = MAX_PROMPT_TOKENS, max_document_tokens: int = MAX_DOCUMENT_TOKENS):
+    """(the plan, one feature per question it asks): a passage longer than a window is asked in its
+    windows (``inference.documents``). ``RequestError`` for a question that does not fit even in a
+    window (422), a prompt over ``max_prompt_tokens`` or a passage over ``max_document_tokens`` (413),
+    with the numbers."""
+    tokenizer, settings = answerer.tokenizer, answerer.settings
     for n, ex in enumerate(examples):
+        tokens = len(tokenizer(ex.context, add_special_tokens=False)["input_ids"])
+        if tokens > max_document_tokens:
+            raise RequestError(413, f"{_where(single, n)}passage of {tokens:,} tokens, over this server's "
+                                    f"--max-document-tokens {max_document_tokens:,}")
+    asked = plan(tokenizer, examples, settings)
+    index = {ex.id: n for n, ex in enumerate(examples)}
+    features = []
+    for ex in asked.asked:
         got, stats = answerer.features([ex])
-        where = "" if single else f"questions[{n}]: "
+        where = _where(single, index[ex.id.split(SEP)[0]])
         if stats.windowed or stats.dropped:
-            settings = answerer.settings
-            budget = settings.max_length - settings.max_new_tokens
-            raise RequestError(422, f"{where}passage too long: the prompt must fit in {budget} tokens "
-                                    f"(the model's {settings.max_length} less {settings.max_new_tokens} "
-                                    "for the answer); shorten the passage")
+            raise RequestError(422, f"{where}question too long: with a window of the passage its prompt must fit "
+                                    f"in {settings.max_length - settings.max_new_tokens} tokens (the model's "
+                                    f"{settings.max_length} less {settings.max_new_tokens} for the answer); shorten it")
         _check_prompt(got[0], max_prompt_tokens, where)
         features += got
-    return features
+    return asked, features
+
+
+def _where(single: bool, n: int) -> str:
+    return "" if single else f"questions[{n}]: "
 
 
 def prompt_feature(answerer: Answerer, prompt: str, max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> Feature:

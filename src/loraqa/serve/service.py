@@ -12,12 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from loraqa.inference.answerer import Answerer
+from loraqa.inference.documents import gather
 from loraqa.io import log
 from loraqa.serve import openai_api
 from loraqa.serve.access import Access
 from loraqa.serve.batcher import Ask, Batcher
 from loraqa.serve.metrics import Metrics
-from loraqa.serve.request import MAX_PROMPT_TOKENS, DRAIN_SECONDS, RequestError, drain, read_body
+from loraqa.serve.request import (DRAIN_SECONDS, MAX_DOCUMENT_TOKENS, MAX_PROMPT_TOKENS, RequestError, check_fits,
+                                  drain, read_body)
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,8 @@ class Limits:
     max_batch_size: int = 32
     max_wait_ms: float = 10.0
     request_timeout: float = 60.0
-    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS      # one prompt: a question with its passage, or with a window of it
+    max_document_tokens: int = MAX_DOCUMENT_TOKENS  # one passage, read in windows where it is long
 
     def check(self, port: int = 0) -> None:
         """``ValueError`` naming the first flag out of range."""
@@ -41,6 +44,8 @@ class Limits:
             raise ValueError(f"--port must be in 0..65535, got {port}")
         if self.max_prompt_tokens < 1:
             raise ValueError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.max_document_tokens < 1:
+            raise ValueError(f"--max-document-tokens must be >= 1, got {self.max_document_tokens}")
 
 
 class Service:
@@ -124,6 +129,20 @@ class Service:
     async def off_loop(self, work, *args):
         """Parsing and tokenising a body (up to 1 MB) run here: off the event loop, and off the decoder."""
         return await asyncio.get_running_loop().run_in_executor(self.parser, work, *args)
+
+    def fits(self, examples: list, single: bool):
+        """(the plan, the features) of a request's questions, a long passage's in its windows (``check_fits``)."""
+        return check_fits(self.answerer, examples, single, self.limits.max_prompt_tokens,
+                          self.limits.max_document_tokens)
+
+    async def read(self, examples: list, single: bool, adapter: str | None):
+        """(what was read: answers, no-answer probabilities and, for long passages, sources; the plan;
+        the request's ``Ask``) for a request's questions, each long passage in its windows."""
+        asked, features = await self.off_loop(self.fits, examples, single)
+        answers, item = await self.decoded(features, examples[0].context, [ex.context for ex in asked.asked], adapter)
+        ids = [ex.id for ex in asked.asked]
+        return gather(asked, dict(zip(ids, answers)), dict(zip(ids, item.na_probs)), self.answerer.settings), \
+            asked, item
 
     async def decoded(self, features: list, passage: str, contexts: list[str] | None, adapter: str | None,
                       on_token=None) -> tuple[list[str], Ask]:

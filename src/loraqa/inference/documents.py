@@ -1,0 +1,169 @@
+"""Questions about passages of any length: a passage that fits one window is answered as it always
+was; a longer one (a whole document) is read in windows (``data.documents``), each question in the
+few windows a lexical ranker (BM25, ``bm25s``) puts first, and one answer is chosen across them.
+
+The choice: each window's answer comes with the reader's probability that the answer is *not*
+there (its first token the no-answer token: EOS, or ``no_answer_text``'s first), the same number in
+every window whatever its text, so windows compare (a reader trained with windows that do not hold
+the answer, the ``documents`` preset, learns to say so). The answer is the one of the window where
+that probability is lowest among the windows that answered; where every window abstains, the
+question's answer is "" ("not found in the document"). The question's no-answer probability (SQuAD
+v2.0's null score) is the lowest of its windows', as transformers' ``postprocess_qa_predictions``
+takes the lowest null score across a question's windows.
+
+Each answer says where it came from (:class:`Source`): the window (its index in the document and its
+characters), its score, and the answer's character offsets in the document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loraqa.data.documents import split_windows
+from loraqa.data.examples import Example
+from loraqa.data.features import FeatureStats, build_eval_features
+from loraqa.data.prompt import prompt_of
+from loraqa.inference.generate import predict
+from loraqa.inference.settings import DecodeSettings
+from loraqa.io import log
+
+QUESTION_ROOM = 64  # tokens a window leaves for the question (a longer one cuts the window's end, counted)
+SEP = "\x1f"        # between a question's id and its window's index, in the ids of window questions
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a document's answer came from."""
+
+    window: int               # the window's index in its document
+    window_start: int         # the window's characters in the document: [window_start, window_end)
+    window_end: int
+    score: float              # the reader's probability that the answer is in this window (1 - no-answer)
+    start: int | None = None  # the answer's characters in the document (its first occurrence in the window)
+    end: int | None = None
+    windows_read: int = 0     # how many of the document's windows this question was read in
+
+
+@dataclass
+class Read:
+    """What :func:`read` answered: {id: answer}, {id: no-answer probability}, {id: Source} for the
+    questions read in windows, and the counts."""
+
+    answers: dict[str, str] = field(default_factory=dict)
+    na_probs: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, Source] = field(default_factory=dict)
+    stats: FeatureStats = field(default_factory=FeatureStats)
+    documents: int = 0        # passages read in windows
+    windows: int = 0          # their windows
+    window_questions: int = 0  # (question, window) pairs answered
+
+
+def window_size(tokenizer, settings: DecodeSettings) -> int:
+    """Passage tokens a window holds: ``--window-tokens``, or less where the prompt budget is smaller."""
+    overhead = len(tokenizer(prompt_of(Example("", "", "", "", ()), settings.template))["input_ids"])
+    room = settings.max_length - settings.max_new_tokens - overhead - QUESTION_ROOM
+    if room < 16:
+        raise ValueError(f"--max-length {settings.max_length} leaves {room} tokens for a window's passage; "
+                         "give more")
+    return min(settings.window_tokens, room)
+
+
+def needs_windows(tokenizer, context: str, size: int) -> bool:
+    return len(tokenizer(context, add_special_tokens=False)["input_ids"]) > size
+
+
+def rank(question: str, texts: list[str], k: int) -> list[int]:
+    """The indices of the ``k`` texts BM25 scores highest for ``question`` (ties: document order)."""
+    import bm25s
+
+    if len(texts) <= k:
+        return list(range(len(texts)))
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    query = bm25s.tokenize([question], stopwords="en", show_progress=False)
+    if not len(query.vocab):  # nothing but stop words: the document's first windows
+        return list(range(k))
+    found, _ = retriever.retrieve(query, k=k, show_progress=False)
+    return [int(i) for i in found[0]]
+
+
+@dataclass
+class Plan:
+    """The questions to ask for ``examples``: those that fit a window as they are, then each long
+    passage's questions in their windows (ids ``{id}{SEP}{window}``)."""
+
+    examples: list[Example]
+    asked: list[Example]
+    long: set[str]
+    spans: dict[str, list[tuple[int, int]]]  # each long passage's windows
+    chosen: dict[str, list[int]]             # each long question's windows, best first
+    size: int
+
+
+def plan(tokenizer, examples: list[Example], settings: DecodeSettings) -> Plan:
+    """Which questions are read in windows, and in which windows (BM25's first)."""
+    size = window_size(tokenizer, settings)
+    overlap = min(settings.doc_stride, size // 2)  # a small window cannot share a full stride
+    long = {ex.id for ex in examples if needs_windows(tokenizer, ex.context, size)}
+    done = Plan(examples, [ex for ex in examples if ex.id not in long], long, {}, {}, size)
+    for ex in examples:
+        if ex.id in long:
+            windows = done.spans.setdefault(ex.context, split_windows(tokenizer, ex.context, size, overlap))
+            done.chosen[ex.id] = rank(ex.question, [ex.context[s:e] for s, e in windows],
+                                      settings.windows_per_question)
+            done.asked += [Example(f"{ex.id}{SEP}{w}", ex.title, ex.context[windows[w][0]:windows[w][1]],
+                                   ex.question, ()) for w in done.chosen[ex.id]]
+    return done
+
+
+def gather(asked: Plan, answers: dict[str, str], probs: dict[str, float], settings: DecodeSettings) -> Read:
+    """Each question's answer from what its questions were answered (one chosen across windows)."""
+    result = Read()
+    for ex in asked.examples:
+        if ex.id not in asked.long:
+            if ex.id in answers:
+                result.answers[ex.id], result.na_probs[ex.id] = answers[ex.id], probs[ex.id]
+            continue
+        _choose(ex, asked.chosen[ex.id], asked.spans[ex.context], answers, probs, result)
+    if asked.long:
+        result.documents = len(asked.spans)
+        result.windows = sum(len(w) for w in asked.spans.values())
+        result.window_questions = sum(len(w) for w in asked.chosen.values())
+        log(f"{len(asked.long)} question(s) about {result.documents} passage(s) longer than a window ({asked.size} "
+            f"tokens) read in windows: {result.windows} windows, each question in at most "
+            f"{settings.windows_per_question} ({result.window_questions} question-windows)")
+    return result
+
+
+def read(model, tokenizer, examples: list[Example], settings: DecodeSettings, device, precision: str, *,
+         progress: bool = False, route: dict | None = None) -> Read:
+    """Every question's answer: those whose passage fits a window as ``predict`` gives them, the others
+    read in their passage's windows and chosen across them (the module's docstring)."""
+    asked = plan(tokenizer, examples, settings)
+    features, stats = build_eval_features(tokenizer, asked.asked, settings.template, settings.max_length,
+                                          settings.max_new_tokens)
+    probs: dict[str, float] = {}
+    answers = predict(model, tokenizer, features, settings, device, precision,
+                      contexts={ex.id: ex.context for ex in asked.asked}, na_probs=probs, progress=progress,
+                      route=route)
+    result = gather(asked, answers, probs, settings)
+    result.stats = stats
+    stats.examples = len(examples)
+    return result
+
+
+def _choose(ex: Example, chosen: list[int], windows: list[tuple[int, int]], answers: dict[str, str],
+            probs: dict[str, float], result: Read) -> None:
+    """The answer of the window least likely to hold none, among those that answered (else "")."""
+    read_in = [(w, answers[f"{ex.id}{SEP}{w}"], probs[f"{ex.id}{SEP}{w}"]) for w in chosen
+               if f"{ex.id}{SEP}{w}" in answers]
+    if not read_in:
+        return  # no window could be asked: the question was dropped (counted)
+    result.na_probs[ex.id] = min(p for _, _, p in read_in)
+    answered = [r for r in read_in if r[1]]
+    w, answer, p = min(answered or read_in, key=lambda r: (r[2], chosen.index(r[0])))
+    s, e = windows[w]
+    at = ex.context[s:e].find(answer) if answer else -1
+    result.answers[ex.id] = answer
+    result.sources[ex.id] = Source(w, s, e, 1.0 - p, s + at if at >= 0 else None,
+                                   s + at + len(answer) if at >= 0 else None, len(read_in))
