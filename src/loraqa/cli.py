@@ -141,6 +141,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=2048,
                    help="most tokens one request's prompt may hold (413 over it; default: %(default)s, a prefill of "
                         "seconds on 2 CPU cores)")
+    p.add_argument("--max-document-tokens", type=int, default=1 << 17,
+                   help="most tokens one passage may hold (413 over it; default: %(default)s); a passage longer than "
+                        "a window is read in windows, each within --max-prompt-tokens")
     p.add_argument("--metrics-need-key", action="store_true",
                    help="GET /metrics needs the API key too (default: open, like /health)")
     p.add_argument("--one-adapter-per-batch", action="store_true",
@@ -333,7 +336,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = _config(args, ASK_FLAGS)  # the same settings as `ask`
     if config.method == "span":
         raise ValueError("loraqa serve answers by generation; a --method span model answers with loraqa ask")
-    limits = Limits(args.max_batch_size, args.max_wait_ms, args.request_timeout, args.max_prompt_tokens)
+    limits = Limits(args.max_batch_size, args.max_wait_ms, args.request_timeout, args.max_prompt_tokens,
+                    args.max_document_tokens)
     serve(config, args.adapter, args.host, args.port, limits, args.api_key_file, args.allowed_host,
           args.unauthenticated, args.admin_key_file, args.metrics_need_key, not args.one_adapter_per_batch,
           args.adapter_root)

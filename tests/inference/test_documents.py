@@ -89,3 +89,17 @@ def test_a_long_passage_is_read_in_windows_by_the_model(tiny_model, tokenizer, c
         if source.start is not None:
             assert DOCUMENT[source.start:source.end] == done.answers[ex.id]
     assert "3 question(s) about 1 passage(s) longer than a window" in capsys.readouterr().err
+
+
+def test_evaluate_document_level_asks_each_question_about_its_whole_article(tiny_model_dir, tmp_path):
+    from loraqa.config import load_config
+    from loraqa.evaluate import run_evaluate
+
+    common = {"model": str(tiny_model_dir), "eval_file": str(SQUAD), "precision": "fp32", "max_new_tokens": 4,
+              "window_tokens": 60, "doc_stride": 15}
+    paragraph = run_evaluate(load_config(None, {**common, "output_dir": str(tmp_path / "p")}), progress=False)
+    document = run_evaluate(load_config(None, {**common, "output_dir": str(tmp_path / "d"), "document_level": True}),
+                            progress=False)
+    assert paragraph["n_questions"] == document["n_questions"] == len(load_squad_file(SQUAD))
+    assert document["documents_in_windows"] >= 1 and document["window_questions"] > document["documents_in_windows"]
+    assert document["windows"] > paragraph["windows"]
