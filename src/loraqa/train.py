@@ -158,6 +158,8 @@ def windows_for_training(config: Config, tokenizer, examples: list[Example], max
     windows cut as answering cuts them (``inference.documents``)."""
     settings = DecodeSettings.from_config(config, max_length)
     size = window_size(tokenizer, settings)
+    if size is None:
+        raise ValueError(f"--negative-windows: --max-length {max_length} leaves no room for a window's passage")
     windows = document_windows(tokenizer, examples, size, min(config.doc_stride, size // 2), config.negative_windows,
                                lambda question, texts: rank(question, texts, config.negative_windows))
     processes.log(f"train: {len(examples)} questions read as documents are, in windows of at most {size} tokens: "

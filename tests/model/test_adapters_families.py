@@ -22,11 +22,13 @@ def tokenizer():
 
 
 def _linears(model) -> list[str]:
-    """Every linear layer's own name but the head's: ``all-linear`` without PEFT's experts' parameters."""
+    """Every linear layer's full name but the head's: ``all-linear`` without the experts' fused
+    parameters (full names: PEFT 0.22 also takes a short name such as down_proj for the experts'
+    parameter of that name)."""
     from transformers.pytorch_utils import Conv1D
 
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not model.get_output_embeddings()})
+    return sorted(n for n, m in model.named_modules()
+                  if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not model.get_output_embeddings())
 
 
 def _alone(family, tokenizer, path, ids) -> torch.Tensor:

@@ -28,6 +28,7 @@ from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
 
 QUESTION_ROOM = 64  # tokens a window leaves for the question (a longer one cuts the window's end, counted)
+MIN_WINDOW = 32     # tokens: a smaller window would hold a sentence or less
 SEP = "\x1f"        # between a question's id and its window's index, in the ids of window questions
 
 
@@ -58,14 +59,13 @@ class Read:
     window_questions: int = 0  # (question, window) pairs answered
 
 
-def window_size(tokenizer, settings: DecodeSettings) -> int:
-    """Passage tokens a window holds: ``--window-tokens``, or less where the prompt budget is smaller."""
+def window_size(tokenizer, settings: DecodeSettings) -> int | None:
+    """Passage tokens a window holds: ``--window-tokens``, or less where the prompt budget is smaller;
+    None where the budget leaves fewer than ``MIN_WINDOW`` (passages are then cut to fit, counted,
+    as before windows)."""
     overhead = len(tokenizer(prompt_of(Example("", "", "", "", ()), settings.template))["input_ids"])
     room = settings.max_length - settings.max_new_tokens - overhead - QUESTION_ROOM
-    if room < 16:
-        raise ValueError(f"--max-length {settings.max_length} leaves {room} tokens for a window's passage; "
-                         "give more")
-    return min(settings.window_tokens, room)
+    return min(settings.window_tokens, room) if room >= MIN_WINDOW else None
 
 
 def needs_windows(tokenizer, context: str, size: int) -> bool:
@@ -103,8 +103,8 @@ class Plan:
 def plan(tokenizer, examples: list[Example], settings: DecodeSettings) -> Plan:
     """Which questions are read in windows, and in which windows (BM25's first)."""
     size = window_size(tokenizer, settings)
-    overlap = min(settings.doc_stride, size // 2)  # a small window cannot share a full stride
-    long = {ex.id for ex in examples if needs_windows(tokenizer, ex.context, size)}
+    overlap = min(settings.doc_stride, (size or 0) // 2)  # a small window cannot share a full stride
+    long = {ex.id for ex in examples if size and needs_windows(tokenizer, ex.context, size)}
     done = Plan(examples, [ex for ex in examples if ex.id not in long], long, {}, {}, size)
     for ex in examples:
         if ex.id in long:

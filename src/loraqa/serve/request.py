@@ -85,9 +85,10 @@ def check_fits(answerer: Answerer, examples: list[Example], single: bool,
         got, stats = answerer.features([ex])
         where = _where(single, index[ex.id.split(SEP)[0]])
         if stats.windowed or stats.dropped:
-            raise RequestError(422, f"{where}question too long: with a window of the passage its prompt must fit "
-                                    f"in {settings.max_length - settings.max_new_tokens} tokens (the model's "
-                                    f"{settings.max_length} less {settings.max_new_tokens} for the answer); shorten it")
+            what = "question too long" if stats.dropped or SEP in ex.id else "passage too long"
+            raise RequestError(422, f"{where}{what}: the prompt must fit in {settings.max_length - settings.max_new_tokens}"
+                                    f" tokens (the model's {settings.max_length} less {settings.max_new_tokens} for the "
+                                    "answer); shorten it")
         _check_prompt(got[0], max_prompt_tokens, where)
         features += got
     return asked, features
