@@ -161,7 +161,7 @@ def windows_for_training(config: Config, tokenizer, examples: list[Example], max
     if size is None:
         raise ValueError(f"--negative-windows: --max-length {max_length} leaves no room for a window's passage")
     windows = document_windows(tokenizer, examples, size, min(config.doc_stride, size // 2), config.negative_windows,
-                               lambda question, texts: rank(question, texts, config.negative_windows))
+                               lambda question, texts: rank([question], texts, config.negative_windows)[0])
     processes.log(f"train: {len(examples)} questions read as documents are, in windows of at most {size} tokens: "
                   f"{sum(ex.answerable for ex in windows)} answerable, {sum(not ex.answerable for ex in windows)} "
                   "windows that do not hold the answer")

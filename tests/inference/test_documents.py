@@ -35,8 +35,9 @@ def test_a_passage_that_fits_a_window_is_answered_as_before(tiny_model, tokenize
 def test_bm25_puts_the_window_with_the_questions_words_first(tokenizer):
     windows = split_windows(tokenizer, DOCUMENT, 120, 30)
     texts = [DOCUMENT[s:e] for s, e in windows]
-    assert rank("When was the mill rebuilt?", texts, 2)[0] == len(windows) - 1
-    assert rank("the of and", texts, 2) == [0, 1]  # stop words alone: the first windows
+    mill, stop_words = rank(["When was the mill rebuilt?", "the of and"], texts, 2)  # one index for both
+    assert mill[0] == len(windows) - 1
+    assert stop_words == [0, 1]  # stop words alone: the first windows
 
 
 def _stub(monkeypatch, answer_in):
@@ -103,3 +104,18 @@ def test_evaluate_document_level_asks_each_question_about_its_whole_article(tiny
     assert paragraph["n_questions"] == document["n_questions"] == len(load_squad_file(SQUAD))
     assert document["documents_in_windows"] >= 1 and document["window_questions"] > document["documents_in_windows"]
     assert document["windows"] > paragraph["windows"]
+
+
+def test_training_for_documents_adds_windows_without_the_answer(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from loraqa.cli import main
+
+    assert main(["train", "--model", str(tiny_model_dir), "--train-file", str(SQUAD), "--eval-file", str(SQUAD),
+                 "--epochs", "1", "--max-length", "256", "--window-tokens", "60", "--doc-stride", "15",
+                 "--negative-windows", "1", "--precision", "fp32", "--max-new-tokens", "4", "--quiet",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    n = len(load_squad_file(SQUAD))
+    assert f"{n} answerable, {n} windows that do not hold the answer" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "run" / "adapter" / "loraqa.json").read_text())
+    assert saved["window_tokens"] == 60 and saved["windows_per_question"] == 3  # answering reads as it trained

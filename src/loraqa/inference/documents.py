@@ -68,23 +68,30 @@ def window_size(tokenizer, settings: DecodeSettings) -> int | None:
     return min(settings.window_tokens, room) if room >= MIN_WINDOW else None
 
 
-def needs_windows(tokenizer, context: str, size: int) -> bool:
-    return len(tokenizer(context, add_special_tokens=False)["input_ids"]) > size
+def token_counts(tokenizer, examples: list[Example]) -> dict[str, int]:
+    """Each distinct passage's length in tokens (a document's questions share one count)."""
+    contexts = dict.fromkeys(ex.context for ex in examples)
+    return {c: len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in contexts}
 
 
-def rank(question: str, texts: list[str], k: int) -> list[int]:
-    """The indices of the ``k`` texts BM25 scores highest for ``question`` (ties: document order)."""
+def rank(questions: list[str], texts: list[str], k: int) -> list[list[int]]:
+    """For each question, the indices of the ``k`` texts BM25 scores highest for it (ties: document
+    order); the texts are indexed once for all the questions."""
     import bm25s
 
     if len(texts) <= k:
-        return list(range(len(texts)))
+        return [list(range(len(texts))) for _ in questions]
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-    query = bm25s.tokenize([question], stopwords="en", show_progress=False)
-    if not len(query.vocab):  # nothing but stop words: the document's first windows
-        return list(range(k))
-    found, _ = retriever.retrieve(query, k=k, show_progress=False)
-    return [int(i) for i in found[0]]
+    ranked = []
+    for question in questions:
+        query = bm25s.tokenize([question], stopwords="en", show_progress=False)
+        if not len(query.vocab):  # nothing but stop words: the document's first windows
+            ranked.append(list(range(k)))
+            continue
+        found, _ = retriever.retrieve(query, k=k, show_progress=False)
+        ranked.append([int(i) for i in found[0]])
+    return ranked
 
 
 @dataclass
@@ -100,24 +107,34 @@ class Plan:
     size: int
 
 
-def plan(tokenizer, examples: list[Example], settings: DecodeSettings) -> Plan:
-    """Which questions are read in windows, and in which windows (BM25's first)."""
+def plan(tokenizer, examples: list[Example], settings: DecodeSettings, counts: dict[str, int] | None = None) -> Plan:
+    """Which questions are read in windows, and in which windows (BM25's first). ``counts``: each
+    passage's tokens, where the caller has them (:func:`token_counts`)."""
     size = window_size(tokenizer, settings)
     overlap = min(settings.doc_stride, (size or 0) // 2)  # a small window cannot share a full stride
-    long = {ex.id for ex in examples if size and needs_windows(tokenizer, ex.context, size)}
+    counts = counts if counts is not None or not size else token_counts(tokenizer, examples)
+    long = {ex.id for ex in examples if size and counts[ex.context] > size}
     done = Plan(examples, [ex for ex in examples if ex.id not in long], long, {}, {}, size)
+    by_passage: dict[str, list[Example]] = {}
     for ex in examples:
         if ex.id in long:
-            windows = done.spans.setdefault(ex.context, split_windows(tokenizer, ex.context, size, overlap))
-            done.chosen[ex.id] = rank(ex.question, [ex.context[s:e] for s, e in windows],
-                                      settings.windows_per_question)
+            by_passage.setdefault(ex.context, []).append(ex)
+    for context, questions in by_passage.items():
+        windows = done.spans[context] = split_windows(tokenizer, context, size, overlap)
+        ranked = rank([ex.question for ex in questions], [context[s:e] for s, e in windows],
+                      settings.windows_per_question)
+        for ex, chosen in zip(questions, ranked):
+            done.chosen[ex.id] = chosen
+    for ex in examples:  # in the examples' order
+        if ex.id in long:
+            windows = done.spans[ex.context]
             done.asked += [Example(f"{ex.id}{SEP}{w}", ex.title, ex.context[windows[w][0]:windows[w][1]],
                                    ex.question, ()) for w in done.chosen[ex.id]]
     return done
 
 
 def gather(asked: Plan, answers: dict[str, str], probs: dict[str, float], settings: DecodeSettings) -> Read:
-    """Each question's answer from what its questions were answered (one chosen across windows)."""
+    """Each question's answer from what its questions were answered, by id (one chosen across windows)."""
     result = Read()
     for ex in asked.examples:
         if ex.id not in asked.long:

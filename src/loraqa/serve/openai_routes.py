@@ -12,7 +12,7 @@ import time
 from loraqa.data.examples import Example
 from loraqa.data.prompt import cut_answer
 from loraqa.serve import openai_api
-from loraqa.inference.documents import SEP, gather
+from loraqa.inference.documents import SEP
 from loraqa.serve.request import RequestError, parse_json, prompt_feature
 from loraqa.serve.service import Service
 
@@ -37,9 +37,8 @@ def finished(service: Service, wanted, asked, features, answers: list[str], item
     read in windows the chosen window's tokens."""
     at = 0
     if asked is not None and asked.long:
-        ids = [ex.id for ex in asked.asked]
-        done = gather(asked, dict(zip(ids, answers)), dict(zip(ids, item.na_probs)), service.answerer.settings)
-        at = ids.index(f"1{SEP}{done.sources['1'].window}")
+        done = service.gathered(asked, answers, item)
+        at = [ex.id for ex in asked.asked].index(f"1{SEP}{done.sources['1'].window}")
         answers = [done.answers["1"] if i == at else a for i, a in enumerate(answers)]
     text, reason, made = openai_api.finish(service.answerer.tokenizer, item.tokens[at], answers[at], wanted,
                                            service.answerer.settings.max_new_tokens)

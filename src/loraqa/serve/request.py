@@ -10,7 +10,7 @@ import time
 from loraqa.data.examples import Example
 from loraqa.data.features import Feature
 from loraqa.inference.answerer import Answerer
-from loraqa.inference.documents import SEP, plan
+from loraqa.inference.documents import SEP, plan, token_counts
 
 MAX_BODY_BYTES = 1 << 20
 MAX_QUESTIONS = 256  # in one request; a request is never split across batches
@@ -73,12 +73,12 @@ def check_fits(answerer: Answerer, examples: list[Example], single: bool,
     window (422), a prompt over ``max_prompt_tokens`` or a passage over ``max_document_tokens`` (413),
     with the numbers."""
     tokenizer, settings = answerer.tokenizer, answerer.settings
+    counts = token_counts(tokenizer, examples)  # each passage tokenised once, for the bound and the plan
     for n, ex in enumerate(examples):
-        tokens = len(tokenizer(ex.context, add_special_tokens=False)["input_ids"])
-        if tokens > max_document_tokens:
-            raise RequestError(413, f"{_where(single, n)}passage of {tokens:,} tokens, over this server's "
+        if counts[ex.context] > max_document_tokens:
+            raise RequestError(413, f"{_where(single, n)}passage of {counts[ex.context]:,} tokens, over this server's "
                                     f"--max-document-tokens {max_document_tokens:,}")
-    asked = plan(tokenizer, examples, settings)
+    asked = plan(tokenizer, examples, settings, counts)
     index = {ex.id: n for n, ex in enumerate(examples)}
     features = []
     for ex in asked.asked:

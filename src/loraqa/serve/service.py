@@ -140,9 +140,13 @@ class Service:
         the request's ``Ask``) for a request's questions, each long passage in its windows."""
         asked, features = await self.off_loop(self.fits, examples, single)
         answers, item = await self.decoded(features, examples[0].context, [ex.context for ex in asked.asked], adapter)
+        return self.gathered(asked, answers, item), asked, item
+
+    def gathered(self, asked, answers: list[str], item: Ask):
+        """``inference.documents.gather`` of a request's answers and no-answer probabilities, which
+        come in the order of the plan's questions."""
         ids = [ex.id for ex in asked.asked]
-        return gather(asked, dict(zip(ids, answers)), dict(zip(ids, item.na_probs)), self.answerer.settings), \
-            asked, item
+        return gather(asked, dict(zip(ids, answers)), dict(zip(ids, item.na_probs)), self.answerer.settings)
 
     async def decoded(self, features: list, passage: str, contexts: list[str] | None, adapter: str | None,
                       on_token=None) -> tuple[list[str], Ask]:
