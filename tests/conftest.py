@@ -70,6 +70,15 @@ def save_tiny_model(folder: Path, arch: str, n_positions: int = 512):
     return model.eval(), tokenizer
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """Each test its own loraqa cache folder: none reads or fills the user's, and none takes another
+    test's recorded path check (tests that patch a path to fail would otherwise find it recorded)."""
+    folder = tmp_path / "loraqa-cache"
+    monkeypatch.setenv("LORAQA_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder with a 2-layer, 32-wide GPT-2 (seeded random weights) and its tokenizer."""
@@ -116,8 +125,9 @@ def make_adapter(tiny_model_dir, folder, seed: int = 0):
     from loraqa.model.load import load_model
     from loraqa.model.lora import add_lora
 
+    base = load_model(str(tiny_model_dir))  # seeds torch itself (its seed, 0): ``seed`` is set after it
     torch.manual_seed(seed)
-    model = add_lora(load_model(str(tiny_model_dir)), lora_dropout=0.0)
+    model = add_lora(base, lora_dropout=0.0)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)

@@ -1,6 +1,8 @@
 """End to end through the command line, on the tiny model and the fixture."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -114,3 +116,24 @@ def test_answering_gives_what_peft_and_generate_give_one_question_at_a_time(run,
                             eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
         theirs[f.id] = cut_answer(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     assert ours == theirs and len(ours) == len(examples)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["ask", "--help"], ["serve", "--help"], ["cache"]])
+def test_help_and_cache_start_without_torch(argv):
+    code = ("import sys\nfrom loraqa.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'imported torch'\n")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_a_cold_ask_writes_its_answer_and_exits_at_once_and_a_second_one_reads_the_cache(tiny_model_dir, own_cache):
+    """On the command line ``ask`` ends without Python's teardown: its answer and exit code are all there;
+    the second process finds the path and causality checks recorded."""
+    argv = [sys.executable, "-m", "loraqa.cli", "ask", "--model", str(tiny_model_dir), "--context",
+            "The mill was rebuilt in 1846.", "--question", "When was the mill rebuilt?", "--max-new-tokens", "4"]
+    first, second = (subprocess.run(argv, capture_output=True, text=True) for _ in range(2))
+    assert first.returncode == second.returncode == 0, first.stderr[-500:]
+    assert first.stdout == second.stdout and first.stdout.endswith("\n")
+    assert len(list((own_cache / "checks").iterdir())) == 2
+    bad = subprocess.run(argv[:-2] + ["--max-new-tokens", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "error" in bad.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_ask(sub)
     _add_serve(sub)
+    _add_cache(sub)
     return parser
 
 
@@ -123,6 +125,12 @@ def _add_ask(sub) -> None:
     p.add_argument("--input", help="JSONL of {context, question, id?} ({question, id?} with --document); answers go "
                                    "to --output as JSONL")
     p.add_argument("--output", help="JSONL answers file for --input (default: standard output)")
+
+
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="what loraqa keeps in its cache folder (GGUF files read into model folders, "
+                       "path checks), or 'clear' to free it")
+    p.add_argument("action", nargs="?", choices=["info", "clear"], default="info")
 
 
 def _add_serve(sub) -> None:
@@ -343,15 +351,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
           args.adapter_root)
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from loraqa.model.fetch import cache_dir
+    from loraqa.model.gguf_cache import cache_size, clear_cache
+
+    if args.action == "clear":
+        freed = clear_cache()
+        print(f"{cache_dir()}: freed {freed / 2**20:.1f} MiB (downloaded GGUF files kept)")
+    size, files = cache_size()
+    print(f"{cache_dir()}: {size / 2**20:.1f} MiB in {files} files")
+
+
 COMMANDS = {"quickstart": cmd_quickstart, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score,
             "params": cmd_params, "compare": cmd_compare, "report": cmd_report, "merge": cmd_merge, "export": cmd_export,
-            "ask": cmd_ask,
+            "ask": cmd_ask, "cache": cmd_cache,
             "serve": cmd_serve}
 # jemalloc for the commands that train (glibc's heap fragments under gradient checkpointing); answering
 # is faster on glibc with freed memory kept: docs/design-notes.md
 # run again under jemalloc where the system has it (runtime.py): training's peak memory; a server's
 # memory flat over hours (docs/serve.md: +2.6% over a 10-minute soak, +10.0% on glibc)
 ON_JEMALLOC = {"quickstart", "train", "compare", "serve"}
+EXIT_AT_ONCE = {"ask"}
 
 
 def interrupted(e: KeyboardInterrupt) -> str:
@@ -375,13 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         COMMANDS[args.command](args)
+        code = 0
     except ValueError as e:  # bad settings or data: one line, no traceback
         print(f"loraqa {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt as e:
         print(f"loraqa {args.command}: {interrupted(e)}", file=sys.stderr)
-        return 130
-    return 0
+        code = 130
+    if argv is None and args.command in EXIT_AT_ONCE:
+        # its output is written and closed: Python's teardown of torch and the model would add ~1 s to a cold
+        # `ask` of SmolLM2 (benchmarks/cold_start.py), freeing what the process's end frees anyway
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The check before a path is trusted: a fast path that computes something else, or fails, hands
 over to the next slower one, said in one line, and the answers stay transformers' own."""
 
+import json
+
+import pytest
 import torch
 from transformers import AttentionInterface
 
@@ -84,3 +87,50 @@ def test_a_model_stored_in_bf16_is_not_checked_but_keeps_its_checked_path(tiny_m
     assert not check_support(bf16, features, tokenizer.pad_token_id, 6).checked  # bf16 logits say nothing exact
     setattr(bf16, CHECKED, DecodingSupport("copies", "checked earlier, in float32", checked=True))
     assert check_support(bf16, features, tokenizer.pad_token_id, 6).path == "copies"
+
+
+def test_the_check_is_kept_in_the_cache_and_run_again_only_when_its_key_changes(tiny_model_dir, examples, tmp_path,
+                                                                                 monkeypatch, own_cache):
+    from conftest import make_adapter
+    from loraqa.config import load_config
+    from loraqa.inference import paths
+    from loraqa.inference.answerer import load_answerer
+
+    runs = []
+    differs = paths._differs
+    monkeypatch.setattr(paths, "_differs", lambda *a: runs.append(1) or differs(*a))
+    adapter = make_adapter(tiny_model_dir, tmp_path / "a")
+    config = load_config(None, {"model": str(tiny_model_dir), "max_new_tokens": 6, "precision": "fp32"})
+
+    def answer(adapter_path):
+        answerer = load_answerer(config, str(adapter_path), examples[:4])
+        return predict(answerer.model, answerer.tokenizer, answerer.features(examples[:4])[0], answerer.settings, CPU,
+                       "fp32")
+
+    first = answer(adapter)
+    recorded = [json.loads(f.read_text()) for f in (own_cache / "checks").iterdir()]
+    assert len(runs) == 1 and sorted(r.get("path", "causal") for r in recorded) == ["causal", "shared"]
+    assert answer(adapter) == first and len(runs) == 1  # recorded: not run again, the same answers
+    make_adapter(tiny_model_dir, tmp_path / "b", seed=1)
+    answer(tmp_path / "b")
+    assert len(runs) == 2  # another adapter: checked
+    monkeypatch.setattr("transformers.__version__", "0.0.0-other")
+    answer(adapter)
+    assert len(runs) == 3  # another transformers: checked
+    make_adapter(tiny_model_dir, adapter, seed=2)  # the same folder, other weights
+    answer(adapter)
+    assert len(runs) == 4
+
+
+def test_a_recorded_fallback_is_kept(tiny_model_dir, examples, monkeypatch, own_cache, capsys):
+    from loraqa.config import load_config
+    from loraqa.inference import paths
+    from loraqa.inference.answerer import load_answerer
+
+    monkeypatch.setattr(paths, "_differs", lambda model, sample, pad, support:
+                        "differs (a test)" if support.path == "shared" else None)
+    config = load_config(None, {"model": str(tiny_model_dir), "max_new_tokens": 6, "precision": "fp32"})
+    assert support_for(load_answerer(config, None, examples[:4]).model).path == "copies"
+    monkeypatch.setattr(paths, "_differs", lambda *a: pytest.fail("checked again"))
+    support = support_for(load_answerer(config, None, examples[:4]).model)
+    assert (support.path, support.checked) == ("copies", True) and "differs (a test)" in support.why

@@ -2,14 +2,15 @@ import pytest
 import torch
 
 from loraqa.io import HubAnswer
-from loraqa.model.load import _unmark_quantized, context_window, load_model, load_tokenizer, model_source
+from loraqa.model.load import context_window, load_model, load_tokenizer, model_source, unmark_quantized
 
 
 def test_model_source_kinds(tmp_path, monkeypatch):
     monkeypatch.setattr("loraqa.model.fetch.hub_status", lambda name, kind="models": HubAnswer("ok"))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    assert model_source(str(gguf)) == (str(tmp_path), {"gguf_file": "m.gguf"})
+    with pytest.raises(ValueError, match=r"m.gguf: cannot read it as a GGUF model"):
+        model_source(str(gguf))
     assert model_source("gpt2") == ("gpt2", {})
     assert model_source(str(tmp_path)) == (str(tmp_path), {})
     with pytest.raises(ValueError, match="no such .gguf file"):
@@ -42,7 +43,7 @@ def test_gguf_quantization_marks_are_removed(tiny_model):
 
     tiny_model.hf_quantizer = Quantizer()
     tiny_model.config.quantization_config = {"quant_method": "gguf"}
-    _unmark_quantized(tiny_model)
+    unmark_quantized(tiny_model)
     assert tiny_model.hf_quantizer is None and not tiny_model.is_quantized
     assert not hasattr(tiny_model.config, "quantization_config")
 

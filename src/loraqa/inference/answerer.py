@@ -3,11 +3,13 @@ and the precision answering runs in."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+import loraqa
 from loraqa.config import Config
 from loraqa.data.examples import Example
 from loraqa.data.features import Feature, FeatureStats, build_eval_features
@@ -18,6 +20,7 @@ from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
 from loraqa.model.adapters import AdapterSet, ReadAdapter
 from loraqa.model.load import load_base, resolve_max_length
+from loraqa.model.recall import check_key
 from loraqa.model.lora import load_adapter, merge_for_answering
 from loraqa.model.precision import choose_precision, store_frozen_weights
 from loraqa.model.span import answer_spans
@@ -28,15 +31,15 @@ PROBE_ROWS = 8
 
 
 def prepare_for_answering(model, tokenizer, settings: DecodeSettings, setting: str, device: torch.device,
-                          examples: list[Example]) -> tuple[Any, str, str]:
+                          examples: list[Example], check: str | None = None) -> tuple[Any, str, str]:
     """(model, precision, why) for answering ``examples`` under the ``--precision`` ``setting``: a
     LoRA adapter merged into the weights (``merge_for_answering``) and every linear weight stored
     in the precision (nothing trains). A probe, where ``auto`` needs one, prefills a batch of
-    their prompts."""
+    their prompts. ``check``: the key its path check is kept under (``inference.paths.check_key``)."""
     features, _ = build_eval_features(tokenizer, examples[:64], settings.template, settings.max_length,
                                       settings.max_new_tokens)
     if settings.method != "span":  # in float32, before the precision (inference.paths)
-        check_support(model, features, tokenizer.pad_token_id, settings.max_new_tokens)
+        check_support(model, features, tokenizer.pad_token_id, settings.max_new_tokens, check)
     # a few median prompts: the probe compares precisions, and six prefills of a whole batch take minutes on a CPU
     step = prefill_probe(model, features, min(settings.batch_size, PROBE_ROWS), tokenizer.pad_token_id,
                          device) if features else None
@@ -85,12 +88,20 @@ def load_answerer(config: Config, adapter: str | None, probe_examples: list[Exam
     adapters ([(name, path)], possibly none yet: a server that loads them later), they stay unmerged
     over the base's layers (``model.adapters``), each checked against the base, and a batch may mix them."""
     device = Processes.single().device
+    began = time.perf_counter()
     model, tokenizer, base_params = load_base(config)
     settings = DecodeSettings.from_config(config, resolve_max_length(config, model, tokenizer))
+    loaded = time.perf_counter()
     if adapter:
         model = load_adapter(model, adapter, config)
     model.to(device)
-    model, precision, why = prepare_for_answering(model, tokenizer, settings, config.precision, device, probe_examples)
+    adapted = time.perf_counter()
+    model, precision, why = prepare_for_answering(model, tokenizer, settings, config.precision, device, probe_examples,
+                                                  check_key(model, config, adapter, "decoding path"))
+    ready = time.perf_counter()
+    # what the start cost, from loraqa's import: what benchmarks/cold_start.py breaks a cold start down by
+    log(f"start: {ready - loraqa.STARTED:.2f} s (imports and input {began - loraqa.STARTED:.2f}, model {loaded - began:.2f}, "
+        f"adapter {adapted - loaded:.2f}, path check and precision {ready - adapted:.2f})")
     answerer = Answerer(model, tokenizer, settings, device, precision, why, config.model, base_params)
     if named is not None:
         answerer.adapters = AdapterSet(model, config, config.model)

@@ -6,6 +6,12 @@ first time a model answers in float32 the path's logits on a few of the run's ow
 passage's, rows of different widths, a few decoding steps) are compared with transformers'
 ``generate`` one question at a time. A path that differs, or fails, hands over to the next slower
 one (shared -> copies -> generate), said in one log line; the decision is kept on the model.
+
+A check costs a few ``generate`` calls (1.5 s of a cold ``loraqa ask`` on SmolLM2), so ``ask`` and
+``serve`` also keep its decision in loraqa's cache folder (``checks/``), under a key made of what
+decides it (``model.recall.check_key``: the weights' sha256, the model's config, the adapter's files, the
+loraqa, transformers and torch versions, the weights' dtype and the device); a model whose key is
+recorded takes the recorded path, and any change of them checks again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from loraqa.inference.decoder import Batch, decode
 from loraqa.inference.reference import greedy_only
 from loraqa.io import log
 from loraqa.model.load import base_model
+from loraqa.model.recall import recalled, remember
 from loraqa.model.support import DecodingSupport, decoding_support
 
 CHECKED = "_loraqa_decoding"  # the attribute that keeps a model's checked path
@@ -36,12 +43,19 @@ def support_for(model) -> DecodingSupport:
     return getattr(lm, CHECKED, None) or decoding_support(lm)
 
 
-def check_support(model, features: list[Feature], pad_id: int, max_new_tokens: int) -> DecodingSupport:
+def check_support(model, features: list[Feature], pad_id: int, max_new_tokens: int,
+                  key: str | None = None) -> DecodingSupport:
     """The fastest path whose logits equal ``generate``'s on a few of ``features`` (float32 models;
-    others keep :func:`support_for`'s, unchecked). Kept on the model: checked once."""
+    others keep :func:`support_for`'s, unchecked). Kept on the model: checked once; with ``key``
+    (``model.recall.check_key``), kept in the cache too, and taken from there."""
     lm = base_model(model)
     support = support_for(model)
     if support.checked or support.path == "generate" or next(lm.parameters()).dtype != torch.float32:
+        return support
+    recorded = recalled(key)
+    if recorded is not None and recorded.get("path") in ("shared", "copies", "generate"):
+        support = replace(support, path=recorded["path"], why=recorded["why"], checked=True)
+        setattr(lm, CHECKED, support)
         return support
     sample = [f for f in features if support.fits(f.n_prompt + max_new_tokens)][:CHECK_QUESTIONS]
     if not sample:
@@ -59,7 +73,10 @@ def check_support(model, features: list[Feature], pad_id: int, max_new_tokens: i
         model.train(was)
     support = replace(support, checked=True)
     setattr(lm, CHECKED, support)
+    remember(key, {"path": support.path, "why": support.why}, "the path check")
     return support
+
+
 
 
 def _differs(model, sample: list[Feature], pad_id: int, support: DecodingSupport) -> str | None:

@@ -1,15 +1,17 @@
 """Load any Hugging Face causal LM and its tokenizer: hub name, local folder, or ``.gguf`` file.
 
 What this hides:
-- GGUF: transformers de-quantises the weights to ordinary floats but still marks the model as
-  quantized (``hf_quantizer``, ``config.quantization_config``), and trainers then refuse it.
-  :func:`load_model` removes those marks, so a GGUF model trains like any other.
+- GGUF: read once into loraqa's cache as an ordinary model folder (``model.gguf_cache``), which
+  every load then reads. transformers de-quantises the weights to ordinary floats but still marks
+  the model as quantized (``hf_quantizer``, ``config.quantization_config``), and trainers then
+  refuse it: :func:`unmark_quantized` removes those marks, so a GGUF model trains like any other.
 - GPT-2 (and others) have no pad token: the tokenizer's EOS is used. The loss mask never relies
   on pad ids (see ``loraqa.data.features.collate_train``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import torch
 from loraqa.config import Config
 from loraqa.data.prompt import format_prompt
 from loraqa.model.fetch import resolve_model
+from loraqa.model.gguf_cache import gguf_folder, one_parse, unmark_quantized
+from loraqa.model.recall import check_key, recalled, remember
 
 
 def base_model(model):
@@ -33,7 +37,8 @@ def model_source(name: str) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"--model {name}: no such .gguf file")
-        return str(path.parent), {"gguf_file": path.name}
+        folder = gguf_folder(path)
+        return (str(folder), {}) if folder else (str(path.parent), {"gguf_file": path.name})
     if path.exists() and not path.is_dir():
         raise ValueError(f"--model {name}: a file, but not a .gguf; give a model folder, a .gguf file or a hub name")
     if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not path.exists():
@@ -91,17 +96,6 @@ def _model_type(location: str) -> str:
     return json.loads(config.read_text()).get("model_type", "?") if config.is_file() else "?"
 
 
-def _unmark_quantized(model) -> None:
-    """GGUF weights arrive de-quantised; drop the flags that make trainers refuse them."""
-    if getattr(model, "hf_quantizer", None) is None:
-        return
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -124,28 +118,30 @@ def load_model(name: str, init: str = "pretrained", seed: int = 0, dropout: floa
     auto = AutoModelForQuestionAnswering if span_head else AutoModelForCausalLM
 
     location, kwargs = model_source(name)
-    try:
-        config = AutoConfig.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as e:  # no config.json, hub unreachable, unknown architecture
-        raise ValueError(f"--model {name}: cannot load it: {_first_line(e)}") from None
-    if dropout is not None:
-        for key in DROPOUT_KEYS:
-            if isinstance(getattr(config, key, None), float):
-                setattr(config, key, dropout)
-        kwargs["config"] = config
-    if init == "random":
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        torch.manual_seed(seed)
-        model = auto.from_config(config, dtype=torch.float32)
-    else:
-        torch.manual_seed(seed)  # a span head is new: seeded
+    # a GGUF file the cache could not keep: its config and weights from one parse
+    with one_parse() if "gguf_file" in kwargs else contextlib.nullcontext():
         try:
-            model = auto.from_pretrained(location, dtype=torch.float32, **kwargs)
-        except OSError as e:  # a config but no weights: --init random builds from the config alone
-            raise ValueError(f"--model {name}: cannot load its weights ({_first_line(e)}); "
-                             "for a config-only folder use --init random") from None
-    _unmark_quantized(model)
+            config = AutoConfig.from_pretrained(location, **kwargs)
+        except (OSError, ValueError) as e:  # no config.json, hub unreachable, unknown architecture
+            raise ValueError(f"--model {name}: cannot load it: {_first_line(e)}") from None
+        if dropout is not None:
+            for key in DROPOUT_KEYS:
+                if isinstance(getattr(config, key, None), float):
+                    setattr(config, key, dropout)
+            kwargs["config"] = config
+        if init == "random":
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            torch.manual_seed(seed)
+            model = auto.from_config(config, dtype=torch.float32)
+        else:
+            torch.manual_seed(seed)  # a span head is new: seeded
+            try:
+                model = auto.from_pretrained(location, dtype=torch.float32, **kwargs)
+            except OSError as e:  # a config but no weights: --init random builds from the config alone
+                raise ValueError(f"--model {name}: cannot load its weights ({_first_line(e)}); "
+                                 "for a config-only folder use --init random") from None
+    unmark_quantized(model)
     return model
 
 
@@ -200,7 +196,10 @@ def load_base(config: Config):
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     if config.method != "span":  # a span head reads the whole window at once: no causality to check
-        check_causal(model, config.model)
+        key = check_key(model, config, None, "causal")
+        if recalled(key) is None:  # a model found causal before (the same weights, config, versions) still is
+            check_causal(model, config.model)
+            remember(key, {"causal": True}, "the causality check")
     return model, tokenizer, count_parameters(model)[1]
 
 

@@ -70,6 +70,8 @@ def file_sha256(path: Path) -> str:
         with open(real, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
+        # entries of files that are gone (another path, size or time) would only grow the file
+        known = {k: v for k, v in known.items() if _still_there(k)}
         known[key] = digest.hexdigest()
         try:
             write_json_atomic(store, known)
@@ -97,3 +99,13 @@ def _describe(record: dict) -> str:
     what = f"{first[0]} sha256 {first[1][:12]}" + (f" (+{len(files) - 1} files)" if len(files) > 1 else "") \
         if first else "no weight files"
     return f"{record.get('model')} from {record.get('source')} ({what})"
+
+
+def _still_there(key: str) -> bool:
+    """Whether a ``path:size:mtime_ns`` key still names a file as it is."""
+    path, size, mtime = key.rsplit(":", 2)
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return False
+    return str(stat.st_size) == size and str(stat.st_mtime_ns) == mtime
