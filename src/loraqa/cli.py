@@ -152,6 +152,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-document-tokens", type=int, default=1 << 17,
                    help="most tokens one passage may hold (413 over it; default: %(default)s); a passage longer than "
                         "a window is read in windows, each within --max-prompt-tokens")
+    p.add_argument("--document-cache-mb", type=int, default=1024,
+                   help="memory for documents' windows' keys and values kept from one request to the next, least "
+                        "recently used out first (default: %(default)s; 0: none)")
+    p.add_argument("--read-ahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="after a question about a long document, read its other windows while no request waits, "
+                        "within --document-cache-mb, so the next question about it reads only its own tokens "
+                        "(default: on)")
     p.add_argument("--metrics-need-key", action="store_true",
                    help="GET /metrics needs the API key too (default: open, like /health)")
     p.add_argument("--one-adapter-per-batch", action="store_true",
@@ -345,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if config.method == "span":
         raise ValueError("loraqa serve answers by generation; a --method span model answers with loraqa ask")
     limits = Limits(args.max_batch_size, args.max_wait_ms, args.request_timeout, args.max_prompt_tokens,
-                    args.max_document_tokens)
+                    args.max_document_tokens, args.document_cache_mb, args.read_ahead)
     serve(config, args.adapter, args.host, args.port, limits, args.api_key_file, args.allowed_host,
           args.unauthenticated, args.admin_key_file, args.metrics_need_key, not args.one_adapter_per_batch,
           args.adapter_root)

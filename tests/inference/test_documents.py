@@ -119,3 +119,86 @@ def test_training_for_documents_adds_windows_without_the_answer(tiny_model_dir, 
     assert f"{n} answerable, {n} windows that do not hold the answer" in capsys.readouterr().err
     saved = json.loads((tmp_path / "run" / "adapter" / "loraqa.json").read_text())
     assert saved["window_tokens"] == 60 and saved["windows_per_question"] == 3  # answering reads as it trained
+
+
+def _window_features(tokenizer, questions, settings):
+    examples = [Example(str(n), "", DOCUMENT, q, ()) for n, q in enumerate(questions)]
+    asked = documents.plan(tokenizer, examples, settings)
+    features, _ = build_eval_features(tokenizer, asked.asked, DEFAULT_TEMPLATE, 512, 6)
+    return documents.mark_windows(tokenizer, features, asked, DEFAULT_TEMPLATE), asked
+
+
+QUESTIONS = ["When was the mill rebuilt?", "Who rebuilt the mill?", "What tells of the river?",
+             "Which roads are old?", "What is in the valley?", "Where are the hills?"]
+
+
+def test_a_window_question_shares_its_window_part_and_no_more(tokenizer):
+    features, asked = _window_features(tokenizer, QUESTIONS, _settings())
+    parts = {}
+    for f in features:
+        window = next(ex.context for ex in asked.asked if ex.id == f.id)
+        part = tokenizer.decode(f.input_ids[:f.n_context])
+        assert part.rstrip(" ").endswith(f"{window}\nQuestion:") and f.n_context < f.n_prompt
+        assert parts.setdefault(window, part) == part  # the same part for every question about the window
+    assert len(parts) > 1
+
+
+def test_kept_windows_give_the_answers_of_the_windows_read_again(tiny_model, tokenizer):
+    """A second reading of the same windows takes every one from the store: the same answers and
+    no-answer probabilities, each window's prefill skipped."""
+    from loraqa.model.passage_store import PassageStore
+
+    settings = _settings()
+    features, _ = _window_features(tokenizer, QUESTIONS, settings)
+    cpu, store, fresh_probs, probs = torch.device("cpu"), PassageStore(), {}, {}
+    fresh = predict(tiny_model, tokenizer, features, settings, cpu, progress=False, na_probs=fresh_probs)
+    assert predict(tiny_model, tokenizer, features, settings, cpu, progress=False, passages=store) == fresh
+    windows = store.misses  # each batch's passages: here windows (or the part two windows begin with)
+    assert store.hits == 0 and windows == len(store.entries) >= 3
+    assert predict(tiny_model, tokenizer, features, settings, cpu, progress=False, passages=store,
+                   na_probs=probs) == fresh
+    assert store.hits == windows and probs == fresh_probs
+
+
+def test_a_batch_of_kept_and_new_windows_reads_each_as_it_would_alone(tiny_model, tokenizer):
+    """Some passages from the store, the others prefilled (cut to their own width): every passage's
+    keys and values those of all of them prefilled together, to float32's last bits (another batch)."""
+    from loraqa.data.batching import collate_shared_prefix, shared_prefix_batches
+    from loraqa.inference import decoder
+    from loraqa.model.passage_store import PassageStore
+    from loraqa.model.prefix_attention import prefix_attention
+
+    features, _ = _window_features(tokenizer, QUESTIONS, _settings())
+    t = collate_shared_prefix(shared_prefix_batches(features, 64)[0], tokenizer.pad_token_id)
+    order = t["prefix_mask"].sum(-1).argsort(descending=True, stable=True)
+    ids, mask = t["prefix_ids"][order], t["prefix_mask"][order]
+    groups, width = ids.shape
+    lengths = mask.sum(-1).tolist()
+    assert groups >= 3 and lengths[1] < width  # a first new passage narrower than the batch
+    store = PassageStore()
+    with torch.inference_mode(), prefix_attention(tiny_model):
+        together = decoder._read_passages(tiny_model, tiny_model, ids, mask, mask.clone(), groups, None, None, None)
+        decoder._read_passages(tiny_model, tiny_model, ids[:1], mask[:1], mask[:1].clone(), 1, None, store, [True])
+        mixed = decoder._read_passages(tiny_model, tiny_model, ids, mask, mask.clone(), groups, None, store,
+                                       [True] * groups)
+    assert store.hits == 1 and store.misses == groups
+    for a, b in zip(together, mixed):
+        for layer_a, layer_b in zip(a, b):
+            for g, n in enumerate(lengths):
+                torch.testing.assert_close(layer_b[g, :, width - n:], layer_a[g, :, width - n:], rtol=1e-5, atol=1e-5)
+
+
+def test_the_store_keeps_to_its_budget_least_recently_used_out(tiny_model, tokenizer):
+    from loraqa.model.passage_store import PassageStore
+
+    settings = _settings()
+    features, _ = _window_features(tokenizer, QUESTIONS, settings)
+    one = PassageStore()
+    fresh = predict(tiny_model, tokenizer, features, settings, torch.device("cpu"), progress=False, passages=one)
+    window = max(kept.size for kept in one.entries.values())
+    small = PassageStore(budget=2 * window)
+    assert predict(tiny_model, tokenizer, features, settings, torch.device("cpu"), progress=False,
+                   passages=small) == fresh
+    assert small.bytes <= 2 * window and small.evictions > 0 and len(small.entries) < len(one.entries)
+    small.drop("__base__")
+    assert not small.entries and small.bytes == 0

@@ -180,7 +180,68 @@ def test_a_long_passage_is_read_in_windows_and_says_where_its_answer_came_from(c
         assert 0 <= reply["window"]["start"] < reply["window"]["end"] <= len(LONG_DOCUMENT)
         if reply["start"] is not None:
             assert LONG_DOCUMENT[reply["start"]:reply["end"]] == reply["answer"]
+        first = reply
+        status, reply = request(f"{url}/answer", {"context": LONG_DOCUMENT, "question": question})
+        same = {k: v for k, v in reply.items() if k != "seconds"}
+        assert status == 200 and same == {k: v for k, v in first.items() if k != "seconds"}  # windows from the cache
         status, reply = request(f"{url}/answer", {"context": LONG_DOCUMENT * 3, "question": question})
         assert status == 413 and "--max-document-tokens 5,000" in reply["error"]
+        metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
+        hits = next(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("loraqa_document_cache_hits_total"))
+        assert hits >= 1 and "loraqa_document_cache_bytes" in metrics
+    finally:
+        stop()
+
+
+def _metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_a_documents_other_windows_are_read_ahead_so_the_next_question_reads_none(config):
+    """After a question about a long document, the idle server reads the document's other windows
+    (within the cache's budget), so another question about it prefills only its own tokens."""
+    from conftest import LONG_DOCUMENT, SQUAD
+
+    from loraqa.data.squad import load_squad_file
+
+    small = load_config(None, {**config.to_dict(), "window_tokens": 120, "doc_stride": 30})
+    answerer = load_answerer(small, None, load_squad_file(SQUAD))
+    url, stop = start_server(build_app(answerer, Limits(max_prompt_tokens=400)))
+    try:
+        status, first = request(f"{url}/answer", {"context": LONG_DOCUMENT, "question": "When was the mill rebuilt?"})
+        assert status == 200
+        windows = answerer.passages.misses
+        deadline = time.monotonic() + 60
+        while _metric(url, "loraqa_document_cache_read_ahead_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while answerer.passages.ahead and time.monotonic() < deadline:  # until the queue is read
+            before = answerer.passages.ahead
+            time.sleep(0.3)
+            if answerer.passages.ahead == before:
+                break
+        kept = len(answerer.passages.entries)
+        assert kept > windows and _metric(url, "loraqa_document_cache_windows") == kept
+        misses = answerer.passages.misses
+        status, second = request(f"{url}/answer", {"context": LONG_DOCUMENT, "question": "Which roads are old?"})
+        assert status == 200 and answerer.passages.misses == misses  # every window it read was kept
+        assert answerer.passages.hits >= 1
+    finally:
+        stop()
+
+
+def test_no_read_ahead_and_no_cache_when_turned_off(config):
+    from conftest import LONG_DOCUMENT, SQUAD
+
+    from loraqa.data.squad import load_squad_file
+
+    small = load_config(None, {**config.to_dict(), "window_tokens": 120, "doc_stride": 30})
+    answerer = load_answerer(small, None, load_squad_file(SQUAD))
+    url, stop = start_server(build_app(answerer, Limits(max_prompt_tokens=400, document_cache_mb=0)))
+    try:
+        status, _ = request(f"{url}/answer", {"context": LONG_DOCUMENT, "question": "When was the mill rebuilt?"})
+        assert status == 200 and answerer.passages is None
+        assert "loraqa_document_cache" not in urllib.request.urlopen(f"{url}/metrics").read().decode()
     finally:
         stop()

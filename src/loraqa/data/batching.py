@@ -19,7 +19,7 @@ from loraqa.data.features import Feature
 MIN_SHARED_PREFIX = 16  # tokens; shorter common prefixes are not worth a separate prefill
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -38,7 +38,7 @@ def _runs(items: list, prompt, kind=lambda x: "") -> list[list]:
     groups: list[list] = []
     for x in items:
         if groups and kind(groups[-1][0]) == kind(x) and \
-                _common_prefix(prompt(groups[-1][0]), prompt(x)) >= MIN_SHARED_PREFIX:
+                common_prefix(prompt(groups[-1][0]), prompt(x)) >= MIN_SHARED_PREFIX:
             groups[-1].append(x)
         else:
             groups.append([x])
@@ -105,7 +105,8 @@ def _prefixes(groups: list[list[Feature]], pad_id: int):
     """Left-padded shared prefixes, one row per group, and each group's prefix length. Every
     prompt keeps at least its last token out of the prefix, so each row has a remainder."""
     prompts = [[_prompt(f) for f in g] for g in groups]
-    shared = [min(min(len(p) for p in ps) - 1, min(_common_prefix(ps[0], p) for p in ps)) for ps in prompts]
+    shared = [min(min(len(p) for p in ps) - 1, min(common_prefix(ps[0], p) for p in ps), _context_part(g))
+              for g, ps in zip(groups, prompts)]
     width = max(max(shared), 1)
     prefix_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     prefix_mask = torch.zeros_like(prefix_ids)
@@ -115,6 +116,18 @@ def _prefixes(groups: list[list[Feature]], pad_id: int):
             prefix_mask[g, width - n:] = 1
     row_prefix = torch.tensor([g for g, ps in enumerate(prompts) for _ in ps])
     return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "row_prefix": row_prefix}, shared
+
+
+def _context_part(group: list[Feature]) -> int:
+    """A window's questions share its part of their prompts, not the first words their questions have
+    in common too: so the prefix is the same whatever questions a batch holds (``PassageStore``)."""
+    parts = [f.n_context for f in group]
+    return min(parts) if all(n is not None for n in parts) else 1 << 62
+
+
+def kept_groups(groups: list[list[Feature]]) -> list[bool]:
+    """Whether each group's prefix is a window's part of its prompts (``Batch.keep``)."""
+    return [all(f.n_context is not None for f in g) for g in groups]
 
 
 def collate_shared_prefix(groups: list[list[Feature]], pad_id: int) -> dict[str, torch.Tensor]:

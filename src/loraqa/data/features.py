@@ -20,6 +20,9 @@ class Feature:
     id: str
     input_ids: list[int]  # prompt tokens, then (training only) target tokens ending in EOS
     n_prompt: int         # how many of input_ids belong to the prompt
+    # a document window's question: how many prompt tokens are its window's part, the same for every question
+    # (``Context: <window>\nQuestion:``): the part a batch may share and a ``PassageStore`` keep
+    n_context: int | None = None
 
 
 @dataclass

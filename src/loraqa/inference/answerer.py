@@ -13,16 +13,19 @@ import loraqa
 from loraqa.config import Config
 from loraqa.data.examples import Example
 from loraqa.data.features import Feature, FeatureStats, build_eval_features
-from loraqa.inference.documents import read
+from loraqa.inference.decoder import keep_passage
+from loraqa.inference.documents import read, window_part
 from loraqa.inference.generate import predict, prefill_probe
-from loraqa.inference.paths import check_support
+from loraqa.inference.paths import check_support, support_for
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
 from loraqa.model.adapters import AdapterSet, ReadAdapter
 from loraqa.model.load import load_base, resolve_max_length
-from loraqa.model.recall import check_key
 from loraqa.model.lora import load_adapter, merge_for_answering
-from loraqa.model.precision import choose_precision, store_frozen_weights
+from loraqa.model.multilora import BASE
+from loraqa.model.passage_store import PassageStore
+from loraqa.model.precision import autocast, choose_precision, store_frozen_weights
+from loraqa.model.recall import check_key
 from loraqa.model.span import answer_spans
 from loraqa.training.processes import Processes
 
@@ -35,7 +38,7 @@ def prepare_for_answering(model, tokenizer, settings: DecodeSettings, setting: s
     """(model, precision, why) for answering ``examples`` under the ``--precision`` ``setting``: a
     LoRA adapter merged into the weights (``merge_for_answering``) and every linear weight stored
     in the precision (nothing trains). A probe, where ``auto`` needs one, prefills a batch of
-    their prompts. ``check``: the key its path check is kept under (``inference.paths.check_key``)."""
+    their prompts. ``check``: the key its path check is kept under (``model.recall.check_key``)."""
     features, _ = build_eval_features(tokenizer, examples[:64], settings.template, settings.max_length,
                                       settings.max_new_tokens)
     if settings.method != "span":  # in float32, before the precision (inference.paths)
@@ -61,6 +64,7 @@ class Answerer:
     name: str         # the model, as given (GET /health)
     base_params: int  # the base model's parameters
     adapters: AdapterSet | None = None  # several LoRA adapters, unmerged, answered together (serve)
+    passages: PassageStore | None = None  # documents' windows kept from request to request (serve)
 
     def features(self, examples: list[Example]) -> tuple[list[Feature], FeatureStats]:
         """Prompts within the token budget; contexts cut from the end where too long (counted)."""
@@ -74,7 +78,20 @@ class Answerer:
         ({feature id: passage}) hold answers to spans under ``--constrain-to-context``; ``adapters``
         ({feature id: adapter handle, or ``BASE``}), ``on_token`` and ``na_probs`` as ``predict`` takes them."""
         return predict(self.model, self.tokenizer, features, self.settings, self.device, self.precision,
-                       contexts=contexts, progress=progress, adapters=adapters, on_token=on_token, na_probs=na_probs)
+                       contexts=contexts, progress=progress, adapters=adapters, on_token=on_token, na_probs=na_probs,
+                       passages=self.passages)
+
+    def read_ahead(self, window: str, adapter: str | None) -> bool:
+        """Keep a document window's keys and values (its part of every question's prompt, as ``adapter``
+        computes it) in ``passages``, before a question asks it; False where there was nothing to do."""
+        ids = window_part(self.tokenizer, self.settings.template, window)
+        if ids is None or self.passages is None or not self.passages.has_room():  # it lets nothing go
+            return False
+        route = None if self.adapters is None else (adapter or BASE)
+        with autocast(self.device, self.precision):
+            kept = keep_passage(self.model, ids, route, self.passages, support_for(self.model))
+        self.passages.ahead += kept
+        return kept
 
     def attach(self, adapter: ReadAdapter) -> None:
         """Add a read adapter (``model.adapters``): on the decoding thread, between batches."""

@@ -27,7 +27,8 @@ import torch
 from torch.profiler import record_function
 from transformers import StaticCache
 
-from loraqa.model.multilora import routing
+from loraqa.model.multilora import BASE, routing
+from loraqa.model.passage_store import PassageStore
 from loraqa.model.load import base_model, cache_kwarg
 from loraqa.model.prefix import KVPool, positions_after, prefill_runs, prefix_positions, spread_static, static_cache
 from loraqa.model.prefix_attention import SharedPrefix, prefix_attention
@@ -41,13 +42,16 @@ class Batch:
     """Left-padded prompts (or each prompt's remainder after ``prefix``) and the caller's ``tags``,
     one per row. ``prefix`` = (prefix_ids (G, P), prefix_mask (G, P), row_prefix (B,)): passages
     that several rows share, each row's group in ``row_prefix``. ``adapters``: each row's LoRA
-    adapter, for a model serving several (``model.adapters``; a group's rows share one; "__base__": none)."""
+    adapter, for a model serving several (``model.adapters``; a group's rows share one; "__base__": none).
+    ``keep``: each group's passage may be kept in (and taken from) a ``PassageStore`` (a window's part of
+    its prompts, ``Feature.n_context``)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     tags: list
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     adapters: list[str] | None = None
+    keep: list[bool] | None = None
 
 
 @dataclass
@@ -85,8 +89,8 @@ class Live:
 
 def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch.Tensor,
            pool: KVPool | None = None, *, carry: bool = True, choose=None, watch_id: int | None = None,
-           na_thresh: float | None = None, support: DecodingSupport | None = None, on_token=None
-           ) -> Iterator[tuple[object, list[int], float | None]]:
+           na_thresh: float | None = None, support: DecodingSupport | None = None, on_token=None,
+           passages: PassageStore | None = None) -> Iterator[tuple[object, list[int], float | None]]:
     """Yields (tag, tokens, watched) for every row as it ends: its tokens up to and including its
     first stop token (at most ``max_new_tokens``), and the probability its first token was
     ``watch_id`` (None without one): with the no-answer token, SQuAD v2.0's no-answer probability.
@@ -100,6 +104,7 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     ``support`` (``model.support``; by default the model's own) says whether passages are read once
     (the ``shared`` path) or copied into each row (``copies``), and whether windows are lifted: every
     prompt here must fit the model's smallest window, prompt and answer (``DecodingSupport.fits``).
+    ``passages``: where the batches' kept passages (``Batch.keep``) are found and left, on the shared path.
     """
     support = support or decoding_support(model)
     if support.path not in ("shared", "copies"):
@@ -114,7 +119,7 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
         if batch is not None:
             with attend():
                 live, logits, first_rows = _admit(model, batch, max_new_tokens, pool,
-                                                  live if live and live.tags else None, shared)
+                                                  live if live and live.tags else None, shared, passages)
             handover = len(live.tags) // CARRY_SHARE if carry else -1
             yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh,
                                      on_token)
@@ -130,8 +135,8 @@ def _attention(lm, shared: bool, lift: bool):
         yield
 
 
-def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live | None, shared: bool
-           ) -> tuple[Live, torch.Tensor, int]:
+def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live | None, shared: bool,
+           passages: PassageStore | None = None) -> tuple[Live, torch.Tensor, int]:
     """Prefill ``batch`` into a fresh ``StaticCache`` with room for the ``carried`` rows, which are
     copied in after it, their filled columns ending where the batch's do (so every pending token
     goes to one column). Where the model allows (``model.prefix_attention``), the passages stay
@@ -144,6 +149,7 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     lengths = attention_mask.sum(-1)
     order = lengths.argsort(descending=True, stable=True)  # runs of similar width (model.prefix.prefill_runs)
     input_ids, attention_mask, lengths = input_ids[order], attention_mask[order], lengths[order]
+    keep = None
     if batch.prefix is None:
         prefix_ids = input_ids.new_zeros(1, 0)
         prefix_mask, row_prefix = attention_mask.new_zeros(1, 0), input_ids.new_zeros(rows)
@@ -152,6 +158,8 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
         group_order = prefix_mask.sum(-1).argsort(descending=True, stable=True)
         prefix_ids, prefix_mask = prefix_ids[group_order], prefix_mask[group_order]
         row_prefix = group_order.argsort()[row_prefix[order]]  # each (sorted) row's group, in the groups' new order
+        if passages is not None and batch.keep is not None:
+            keep = [batch.keep[g] for g in group_order.tolist()]
     past_mask = prefix_mask[row_prefix]  # each row's passage slots
     adapters = group_adapters = None
     if batch.adapters is not None:  # each forward below tells PEFT each of its rows' adapter
@@ -171,7 +179,8 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     mask = attention_mask.new_zeros(rows + extra, col + max_new_tokens)
     prefix = None
     if shared:
-        prefix = _passages(model, lm, prefix_ids, prefix_mask, row_prefix, carried and carried.prefix, group_adapters)
+        prefix = _passages(model, lm, prefix_ids, prefix_mask, row_prefix, carried and carried.prefix, group_adapters,
+                           passages, keep)
         kw["shared_prefix"] = prefix
     elif batch.prefix is not None:
         prefix_full = prefix_mask.new_zeros(prefix_mask.size(0), mask.size(1))
@@ -205,9 +214,11 @@ def _with_adapters(kw: dict, adapters: list[str] | None) -> dict:
 
 
 def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_prefix: torch.Tensor,
-              carried: SharedPrefix | None, adapters: list[str] | None = None) -> SharedPrefix:
+              carried: SharedPrefix | None, adapters: list[str] | None = None, passages: PassageStore | None = None,
+              keep: list[bool] | None = None) -> SharedPrefix:
     """The passages' keys and values, one copy each (``model.prefix_attention``), then those the
-    ``carried`` rows read, copied in after them (the rows: the batch's, then the carried)."""
+    ``carried`` rows read, copied in after them (the rows: the batch's, then the carried). Passages
+    ``keep`` marks are taken from ``passages`` where it has them, and left there once computed."""
     carried = None if carried is None else carried.reading()
     groups, width = prefix_ids.shape
     room = groups + (0 if carried is None else carried.mask.size(0))
@@ -215,12 +226,7 @@ def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, ro
     mask = prefix_mask.new_zeros(room, slots)
     mask[:groups, :width] = prefix_mask
     if width:
-        store = static_cache(lm, slots)
-        with record_function("prefill:passage"):
-            prefill_runs(model, store, prefix_ids, prefix_mask.sum(-1).tolist(), mask[:groups],
-                         prefix_positions(prefix_mask), 0,
-                         _with_adapters({cache_kwarg(lm): store, "use_cache": True}, adapters), room=room)
-        keys, values = [layer.keys for layer in store.layers], [layer.values for layer in store.layers]
+        keys, values = _read_passages(model, lm, prefix_ids, prefix_mask, mask, room, adapters, passages, keep)
     elif carried is not None:  # no passage in this batch: room for the carried rows' alone
         keys = [k.new_zeros(room, *k.shape[1:]) for k in carried.keys]
         values = [v.new_zeros(room, *v.shape[1:]) for v in carried.values]
@@ -233,6 +239,77 @@ def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, ro
         with record_function("cache:carry"):
             prefix.take_in(carried)
     return prefix
+
+
+@torch.inference_mode()
+def keep_passage(model, ids: list[int], adapter: str | None, passages: PassageStore,
+                 support: DecodingSupport | None = None) -> bool:
+    """Prefill passage ``ids`` alone (with ``adapter``, a model's LoRA handle, or None) into ``passages``,
+    as a batch that reads it would keep it; False where it was kept already or the path is not the
+    shared one (the caller's precision applies: run it under its autocast)."""
+    support = support or decoding_support(model)
+    if support.path != "shared" or (adapter or BASE, tuple(ids)) in passages.entries:
+        return False
+    lm = base_model(model)
+    ids_t = torch.tensor([ids], device=next(lm.parameters()).device)
+    mask = torch.ones_like(ids_t)
+    with _attention(lm, True, support.window is not None):
+        _read_passages(model, lm, ids_t, mask, mask.clone(), 1, None if adapter is None else [adapter], passages,
+                       [True], count=False)
+    return True
+
+
+def _read_passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, mask: torch.Tensor, room: int,
+                   adapters: list[str] | None, passages: PassageStore | None, keep: list[bool] | None,
+                   count: bool = True):
+    """Each layer's (room, kv heads, slots, head dim) keys and values of the passages (left-padded in
+    ``prefix_ids``' width): those ``passages`` keeps copied in, the others prefilled (and then kept)."""
+    groups, width = prefix_ids.shape
+    lengths = prefix_mask.sum(-1).tolist()
+    names = adapters or [BASE] * groups
+    ids = [tuple(prefix_ids[g, width - n:].tolist()) if keep and keep[g] and n else None for g, n in enumerate(lengths)]
+    found = [passages.get(names[g], ids[g], count) if ids[g] else None for g in range(groups)]
+    todo = [g for g in range(groups) if found[g] is None]
+    keys = values = None
+    if len(todo) == groups:  # nothing kept: all prefilled, as without a store
+        store = static_cache(lm, mask.size(1))
+        with record_function("prefill:passage"):
+            prefill_runs(model, store, prefix_ids, lengths, mask[:groups], prefix_positions(prefix_mask), 0,
+                         _with_adapters({cache_kwarg(lm): store, "use_cache": True}, adapters), room=room)
+        keys, values = [layer.keys for layer in store.layers], [layer.values for layer in store.layers]
+        return _kept_back(passages, names, ids, lengths, width, keys, values)
+    if todo:  # those not kept, cut to their own width (a fresh cache's first write must start at its slot 0)
+        pick, cut = torch.tensor(todo, device=prefix_ids.device), lengths[todo[0]]
+        store = static_cache(lm, cut)
+        with record_function("prefill:passage"):
+            prefill_runs(model, store, prefix_ids[pick, width - cut:], [lengths[g] for g in todo],
+                         prefix_mask[pick, width - cut:], prefix_positions(prefix_mask[pick, width - cut:]), 0,
+                         _with_adapters({cache_kwarg(lm): store, "use_cache": True},
+                                        adapters and [adapters[g] for g in todo]))
+        keys, values = [layer.keys for layer in store.layers], [layer.values for layer in store.layers]
+    like = found[next(g for g in range(groups) if found[g] is not None)]
+    shapes = [(room, k.size(0), mask.size(1), k.size(-1)) for k in like.keys]
+    full_keys = [k.new_zeros(shape) for k, shape in zip(like.keys, shapes)]
+    full_values = [v.new_zeros(shape) for v, shape in zip(like.values, shapes)]
+    for layer in range(len(full_keys)):
+        for j, g in enumerate(todo):
+            full_keys[layer][g, :, width - cut:width] = keys[layer][j]
+            full_values[layer][g, :, width - cut:width] = values[layer][j]
+        for g, kept in enumerate(found):
+            if kept is not None:
+                full_keys[layer][g, :, width - lengths[g]:width] = kept.keys[layer]
+                full_values[layer][g, :, width - lengths[g]:width] = kept.values[layer]
+    return _kept_back(passages, names, [ids[g] if g in todo else None for g in range(groups)], lengths, width,
+                      full_keys, full_values)
+
+
+def _kept_back(passages, names, ids, lengths, width, keys, values):
+    """Leave the passages marked by ``ids`` in ``passages``; return (keys, values)."""
+    for g, passage in enumerate(ids):
+        if passage is not None:
+            span = slice(width - lengths[g], width)
+            passages.put(names[g], passage, [k[g, :, span] for k in keys], [v[g, :, span] for v in values])
+    return keys, values
 
 
 def _no_passage(lm, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -17,15 +17,17 @@ characters), its score, and the answer's character offsets in the document.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loraqa.data.documents import split_windows
 from loraqa.data.examples import Example
-from loraqa.data.features import FeatureStats, build_eval_features
-from loraqa.data.prompt import prompt_of
+from loraqa.data.batching import common_prefix
+from loraqa.data.features import Feature, FeatureStats, build_eval_features
+from loraqa.data.prompt import format_prompt, prompt_of
 from loraqa.inference.generate import predict
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
+from loraqa.model.passage_store import PassageStore
 
 QUESTION_ROOM = 64  # tokens a window leaves for the question (a longer one cuts the window's end, counted)
 MIN_WINDOW = 32     # tokens: a smaller window would hold a sentence or less
@@ -133,6 +135,39 @@ def plan(tokenizer, examples: list[Example], settings: DecodeSettings, counts: d
     return done
 
 
+def window_part(tokenizer, template: str, window: str) -> list[int] | None:
+    """The tokens of a window's prompts before their question (``Context: <window>\nQuestion:``: the
+    space after it joins the question's first word); None for a template that puts the question first."""
+    if template.find("{context}") > template.find("{question}"):
+        return None
+    return tokenizer(format_prompt(template[:template.index("{question}")].rstrip(), window, ""))["input_ids"]
+
+
+def mark_windows(tokenizer, features: list[Feature], asked: Plan, template: str) -> list[Feature]:
+    """``features`` with each window question's ``n_context``: its prompt's tokens up to its question,
+    its window's part (the same for every question about the window, what a batch shares and a
+    ``PassageStore`` keeps)."""
+    if not asked.long:
+        return features
+    windows = {ex.id: ex.context for ex in asked.asked if SEP in ex.id}
+    parts: dict[str, list[int] | None] = {}
+    marked = []
+    for f in features:
+        window = windows.get(f.id)
+        if window is not None:
+            if window not in parts:
+                parts[window] = window_part(tokenizer, template, window)
+            if parts[window] is not None:
+                f = replace(f, n_context=common_prefix(parts[window], f.input_ids[:f.n_prompt]))
+        marked.append(f)
+    return marked
+
+
+def windows_of(asked: Plan) -> list[str]:
+    """The texts of every window of the plan's long passages, in document order."""
+    return [context[s:e] for context, spans in asked.spans.items() for s, e in spans]
+
+
 def gather(asked: Plan, answers: dict[str, str], probs: dict[str, float], settings: DecodeSettings) -> Read:
     """Each question's answer from what its questions were answered, by id (one chosen across windows)."""
     result = Read()
@@ -159,10 +194,12 @@ def read(model, tokenizer, examples: list[Example], settings: DecodeSettings, de
     asked = plan(tokenizer, examples, settings)
     features, stats = build_eval_features(tokenizer, asked.asked, settings.template, settings.max_length,
                                           settings.max_new_tokens)
+    features = mark_windows(tokenizer, features, asked, settings.template)
     probs: dict[str, float] = {}
+    # a window is read once, by the first batch that asks it, however many batches ask it after
     answers = predict(model, tokenizer, features, settings, device, precision,
                       contexts={ex.id: ex.context for ex in asked.asked}, na_probs=probs, progress=progress,
-                      route=route)
+                      route=route, passages=PassageStore() if asked.long else None)
     result = gather(asked, answers, probs, settings)
     result.stats = stats
     stats.examples = len(examples)

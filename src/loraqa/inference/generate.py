@@ -9,7 +9,7 @@ import itertools
 import torch
 from tqdm.auto import tqdm
 
-from loraqa.data.batching import collate_shared_prefix, shared_prefix_batches
+from loraqa.data.batching import collate_shared_prefix, kept_groups, shared_prefix_batches
 from loraqa.data.features import Feature, median_batch, no_answer_token
 from loraqa.data.prompt import cut_answer
 from loraqa.inference.constrain import ContextConstraint
@@ -19,6 +19,7 @@ from loraqa.inference.reference import generate_each
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
 from loraqa.model.load import base_model
+from loraqa.model.passage_store import PassageStore
 from loraqa.model.precision import autocast
 from loraqa.model.prefix import KVPool
 
@@ -75,7 +76,8 @@ def split_by_path(model, features: list[Feature], pad_id: int, max_new_tokens: i
 def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings, device: torch.device,
             precision: str = "fp32", *, contexts: dict[str, str] | None = None,
             na_probs: dict[str, float] | None = None, progress: bool = True,
-            route: dict | None = None, adapters: dict[str, str] | None = None, on_token=None) -> dict[str, str]:
+            route: dict | None = None, adapters: dict[str, str] | None = None, on_token=None,
+            passages: PassageStore | None = None) -> dict[str, str]:
     """{question id: answer} for every feature; questions on the same passage share its prefill.
 
     A batch holds at most ``settings.batch_size`` questions and ``settings.batch_tokens`` cached
@@ -95,7 +97,8 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
     ``adapters`` ({question id: LoRA adapter name}, for a PEFT model holding several: ``model.adapters``)
     answers each question with its own adapter, questions of several adapters in one batch (a
     passage's prefill shared only among questions of one adapter). ``on_token(question id, token)``
-    hears each answer's tokens as they are chosen.
+    hears each answer's tokens as they are chosen. ``passages`` keeps documents' windows' keys and values
+    from batch to batch (``model.passage_store``).
     """
     if settings.constrain_to_context and contexts is None:
         raise ValueError("constrain_to_context needs each question's passage (contexts)")
@@ -117,7 +120,7 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
             t = {k: v.to(device) for k, v in collate_shared_prefix(groups, tokenizer.pad_token_id).items()}
             yield Batch(t["input_ids"], t["attention_mask"], [where[f.id] for g in groups for f in g],
                         (t["prefix_ids"], t["prefix_mask"], t["row_prefix"]),
-                        None if adapters is None else [adapters[f.id] for g in groups for f in g])
+                        None if adapters is None else [adapters[f.id] for g in groups for f in g], kept_groups(groups))
 
     predictions: dict[str, str] = {}
     bar = tqdm(total=len(features), desc="generate", unit="q", disable=not progress)
@@ -126,7 +129,8 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
     by_row = None if adapters is None else {where[f.id]: adapters[f.id] for f in slow}
     with torch.inference_mode(), autocast(device, precision):
         answered = itertools.chain(
-            decode(model, batches(), max_new_tokens, stop_ids, KVPool(), support=support, **options) if fast else (),
+            decode(model, batches(), max_new_tokens, stop_ids, KVPool(), support=support, passages=passages, **options)
+            if fast else (),
             generate_each(model, ((where[f.id], f.input_ids) for f in slow), max_new_tokens, stop_ids,
                           adapters=by_row, **options))
         for i, tokens, watched in answered:

@@ -79,7 +79,8 @@ async def unload_adapter(service: Service, request):
                 raise RequestError(404, f"no adapter {name!r} is loaded")
             handle = adapters.retire(name)  # no longer listed, nor given to new requests
             service.batcher.drop_adapter(handle, RequestError(404, f"the model {name!r} was unloaded"))
-            await service.batcher.between_batches(lambda: adapters.detach(handle))
+            passages = service.answerer.passages  # what it computed is never read again: freed with it
+            await service.batcher.between_batches(lambda: (adapters.detach(handle), passages and passages.drop(handle)))
     except Exception as e:  # noqa: BLE001
         return service.respond(e)
     log(f"unloaded adapter {name}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120)
 
@@ -41,6 +41,16 @@ class ServerState:
                      min(1.0, b.cache_tokens / budget) if budget else 0.0)
         yield _gauge("loraqa_batch_occupancy", "The last batch's questions over --max-batch-size",
                      b.last_batch / self.max_batch_size)
+        store = self.answerer.passages
+        if store is not None:  # documents' windows kept across requests (model.passage_store)
+            yield _gauge("loraqa_document_cache_bytes", "Bytes of documents' windows' keys and values kept", store.bytes)
+            yield _gauge("loraqa_document_cache_windows", "Documents' windows kept", len(store.entries))
+            yield _gauge("loraqa_document_read_ahead_waiting", "Windows waiting to be read ahead", len(b.ahead))
+            for what, value, doc in (("hits", store.hits, "Windows taken from the cache"),
+                                     ("misses", store.misses, "Windows prefilled (then kept)"),
+                                     ("evictions", store.evictions, "Windows let go for the memory budget"),
+                                     ("read_ahead", store.ahead, "Windows read before a question asked them")):
+                yield CounterMetricFamily(f"loraqa_document_cache_{what}", doc, value=value)
         loaded = adapters.names if adapters is not None else []
         yield _gauge("loraqa_lora_adapters_loaded", "LoRA adapters loaded", len(loaded))
         info = GaugeMetricFamily("loraqa_lora_requests_info", "LoRA adapters running and waiting (the value: when)",
@@ -65,6 +75,8 @@ class Metrics:
         self.server_errors = Counter("loraqa_responses_5xx", "Requests that failed in the server", registry=self.registry)
         self.timeouts = Counter("loraqa_timeouts", "Requests not answered within --request-timeout",
                                 registry=self.registry)
+        self.forms = Counter("loraqa_request_forms", "OpenAI-route requests by the shape their passage and question "
+                             "were read from (serve.qa_forms)", ["form"], registry=self.registry)
         self.latency = Histogram("loraqa_request_latency_seconds", "Seconds from a request to its answer", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
 

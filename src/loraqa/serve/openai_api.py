@@ -3,12 +3,14 @@ back in OpenAI's own shapes, so the ``openai`` client (and LangChain, LlamaIndex
 
 How a question reaches the model:
 - ``POST /v1/chat/completions``: the **system** message is the passage, the **last user** message the
-  question; the run's template puts them together, as ``loraqa ask`` does. Other messages (earlier
-  turns, an assistant's) are read past; a request without a system and a user message is refused.
+  question; the run's template puts them together, as ``loraqa ask`` does. The shapes the question-
+  answering frameworks send by default (an instruction, then context and question in one message:
+  LangChain, LlamaIndex, Haystack) are read as passage and question too (``serve.qa_forms``). Other
+  messages (earlier turns, an assistant's) are read past; what has no passage and question is a 400.
 - ``POST /v1/completions``: the prompt is the model's whole prompt. One in the run's template's form
-  (``Context: ...\\nQuestion: ...\\nAnswer:``) is read back as a passage and a question, so it is
-  answered exactly as ``/answer`` and ``ask`` answer them (and batched with others on its passage);
-  any other prompt is answered as it stands.
+  (``Context: ...\\nQuestion: ...\\nAnswer:``), or a framework's (``serve.qa_forms``), is read back as
+  a passage and a question, so it is answered exactly as ``/answer`` and ``ask`` answer them (and
+  batched with others on its passage); any other prompt is answered as it stands.
 
 ``model`` names a LoRA adapter the server holds, or its base (``GET /v1/models`` lists them).
 Decoding is greedy, as the answers are extractive. What a request may ask, parameter by parameter
@@ -37,6 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from loraqa.data.prompt import cut_answer
+from loraqa.serve.qa_forms import QA, SHAPES, read_messages, read_text
 from loraqa.serve.request import RequestError
 
 
@@ -73,6 +76,8 @@ class Completion:
     context: str | None = None    # the passage and question, where the request has them
     question: str | None = None
     prompt: str | None = None     # a Completions prompt not in the template's form: answered as it stands
+    form: str = "template"        # the shape the passage and question were read from (serve.qa_forms)
+    existing: str | None = None   # LlamaIndex's refine: the answer it had, kept where this passage has none
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -114,7 +119,9 @@ def parse_completion(body: object, chat: bool, template: str, models: list[str],
     request = Completion(chat, model, max_tokens=max_tokens, stop=stop, stream=bool(body.get("stream")),
                          include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
     if chat:
-        request.context, request.question = _messages(body.get("messages"))
+        qa = _messages(body.get("messages"))
+        request.context, request.question, request.form, request.existing = qa.context, qa.question, qa.form, \
+            qa.existing
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -122,10 +129,14 @@ def parse_completion(body: object, chat: bool, template: str, models: list[str],
         if not isinstance(prompt, str) or not prompt.strip():
             raise OpenAIError(400, "'prompt' must be one non-empty string (one prompt a request)")
         read = read_template(template, prompt)
-        if read is None:
-            request.prompt = prompt
-        else:
+        qa = None if read is not None else read_text(prompt)
+        if read is not None:
             request.context, request.question = read
+        elif qa is not None:
+            request.context, request.question, request.form, request.existing = qa.context, qa.question, qa.form, \
+                qa.existing
+        else:
+            request.prompt = prompt
     return request
 
 
@@ -144,8 +155,8 @@ def _check_unserved(body: dict) -> None:
                           "response_format")
 
 
-def _messages(messages: object) -> tuple[str, str]:
-    """(passage, question): the system message and the last user message."""
+def _messages(messages: object) -> QA:
+    """The passage and question of the system message and the last user message (``serve.qa_forms``)."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise OpenAIError(400, "'messages' must be a list of {role, content} objects")
     texts = {}
@@ -155,10 +166,13 @@ def _messages(messages: object) -> tuple[str, str]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if m.get("role") in ("system", "developer", "user") and isinstance(content, str):
             texts["user" if m["role"] == "user" else "system"] = content
-    if not texts.get("system", "").strip() or not texts.get("user", "").strip():
-        raise OpenAIError(400, "send the passage as the system message and the question as the user's "
-                               "(docs/usage.md: the OpenAI API)")
-    return texts["system"], texts["user"]
+    if texts.get("user", "").strip():
+        qa = read_messages(texts.get("system"), texts["user"])
+    else:  # one system message holding everything (Haystack's get-started example)
+        qa = read_text(texts.get("system", ""))
+    if qa is None:
+        raise OpenAIError(400, f"no passage and question found: send {SHAPES} (docs/frameworks.md)")
+    return qa
 
 
 def read_template(template: str, prompt: str) -> tuple[str, str] | None:

@@ -42,6 +42,8 @@ def finished(service: Service, wanted, asked, features, answers: list[str], item
         answers = [done.answers["1"] if i == at else a for i, a in enumerate(answers)]
     text, reason, made = openai_api.finish(service.answerer.tokenizer, item.tokens[at], answers[at], wanted,
                                            service.answerer.settings.max_new_tokens)
+    if wanted.existing is not None and not text:  # LlamaIndex's refine: "if the context isn't useful, return the original"
+        text = wanted.existing
     return text, reason, made, features[at].n_prompt
 
 
@@ -54,10 +56,11 @@ async def completions(service: Service, request, chat: bool):
         wanted, asked, features, contexts = await service.off_loop(prepare, service,
                                                                    await service.body_of(request, "key"), chat)
         adapter = service.adapter_of(wanted.model)
+        service.read_as(wanted.form if wanted.prompt is None else "raw prompt")
         if wanted.stream:
             return StreamingResponse(stream(service, wanted, asked, features, contexts, adapter, start, route),
                                      media_type="text/event-stream")
-        answers, item = await service.decoded(features, contexts[0], contexts, adapter)
+        answers, item = await service.decoded(features, contexts[0], contexts, adapter, asked=asked)
     except Exception as e:  # noqa: BLE001 - a refusal, or a failure named by an id
         return service.respond(e, openai=True)
     text, reason, made, prompt = finished(service, wanted, asked, features, answers, item)
@@ -79,7 +82,8 @@ async def stream(service: Service, wanted, asked, features, contexts: list[str],
     deltas = openai_api.Deltas(service.answerer.tokenizer, wanted, cut_answer(settings.no_answer_text),
                                hold=windows or settings.na_prob_thresh is not None)
     task = asyncio.ensure_future(service.decoded(features, contexts[0], contexts, adapter,
-                                                 None if windows else lambda n, token: tokens.put_nowait(token)))
+                                                 None if windows else lambda n, token: tokens.put_nowait(token),
+                                                 asked=asked))
     try:
         yield _event(openai_api.chunk(wanted, "", first=True))
         while not (task.done() and tokens.empty()):

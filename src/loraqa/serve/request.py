@@ -10,7 +10,7 @@ import time
 from loraqa.data.examples import Example
 from loraqa.data.features import Feature
 from loraqa.inference.answerer import Answerer
-from loraqa.inference.documents import SEP, plan, token_counts
+from loraqa.inference.documents import SEP, mark_windows, plan, token_counts
 
 MAX_BODY_BYTES = 1 << 20
 MAX_QUESTIONS = 256  # in one request; a request is never split across batches
@@ -91,7 +91,7 @@ def check_fits(answerer: Answerer, examples: list[Example], single: bool,
                                     "answer); shorten it")
         _check_prompt(got[0], max_prompt_tokens, where)
         features += got
-    return asked, features
+    return asked, mark_windows(tokenizer, features, asked, settings.template)
 
 
 def _where(single: bool, n: int) -> str:

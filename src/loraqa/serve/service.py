@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from loraqa.inference.answerer import Answerer
-from loraqa.inference.documents import gather
+from loraqa.inference.documents import gather, windows_of
 from loraqa.io import log
+from loraqa.model.passage_store import PassageStore
 from loraqa.serve import openai_api
 from loraqa.serve.access import Access
 from loraqa.serve.batcher import Ask, Batcher
@@ -31,6 +32,8 @@ class Limits:
     request_timeout: float = 60.0
     max_prompt_tokens: int = MAX_PROMPT_TOKENS      # one prompt: a question with its passage, or with a window of it
     max_document_tokens: int = MAX_DOCUMENT_TOKENS  # one passage, read in windows where it is long
+    document_cache_mb: int = 1024  # documents' windows' keys and values kept across requests (0: none)
+    read_ahead: bool = True        # a document's other windows read while no request waits
 
     def check(self, port: int = 0) -> None:
         """``ValueError`` naming the first flag out of range."""
@@ -46,6 +49,8 @@ class Limits:
             raise ValueError(f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.max_document_tokens < 1:
             raise ValueError(f"--max-document-tokens must be >= 1, got {self.max_document_tokens}")
+        if self.document_cache_mb < 0:
+            raise ValueError(f"--document-cache-mb must be >= 0, got {self.document_cache_mb}")
 
 
 class Service:
@@ -57,7 +62,10 @@ class Service:
         self.answerer, self.limits, self.access = answerer, limits, access
         self.metrics_need_key, self.adapter_root = metrics_need_key, adapter_root
         self.metrics = Metrics()
+        if limits.document_cache_mb and answerer.passages is None:  # a second question about a document reads
+            answerer.passages = PassageStore(limits.document_cache_mb << 20)  # its windows from here
         self.admin = asyncio.Lock()
+        self.forms_seen: set[str] = set()
         self._worker, self._mix = worker, mix_adapters
         self.batcher: Batcher | None = None
         self.parser = self.loader = None
@@ -139,7 +147,8 @@ class Service:
         """(what was read: answers, no-answer probabilities and, for long passages, sources; the plan;
         the request's ``Ask``) for a request's questions, each long passage in its windows."""
         asked, features = await self.off_loop(self.fits, examples, single)
-        answers, item = await self.decoded(features, examples[0].context, [ex.context for ex in asked.asked], adapter)
+        answers, item = await self.decoded(features, examples[0].context, [ex.context for ex in asked.asked], adapter,
+                                           asked=asked)
         return self.gathered(asked, answers, item), asked, item
 
     def gathered(self, asked, answers: list[str], item: Ask):
@@ -149,13 +158,17 @@ class Service:
         return gather(asked, dict(zip(ids, answers)), dict(zip(ids, item.na_probs)), self.answerer.settings)
 
     async def decoded(self, features: list, passage: str, contexts: list[str] | None, adapter: str | None,
-                      on_token=None) -> tuple[list[str], Ask]:
-        """(answers, the request's ``Ask``) within ``--request-timeout`` (else a 504)."""
+                      on_token=None, asked=None) -> tuple[list[str], Ask]:
+        """(answers, the request's ``Ask``) within ``--request-timeout`` (else a 504). The windows of
+        the ``asked`` plan's long passages are then read ahead (``Batcher.read_ahead``)."""
         try:
-            return await asyncio.wait_for(self.batcher.ask(features, passage, contexts, adapter, on_token),
+            done = await asyncio.wait_for(self.batcher.ask(features, passage, contexts, adapter, on_token),
                                           self.limits.request_timeout)
         except asyncio.TimeoutError:
             raise self.timed_out() from None
+        if asked is not None and asked.long and self.answerer.passages is not None and self.limits.read_ahead:
+            self.batcher.read_ahead(adapter, windows_of(asked))
+        return done
 
     def timed_out(self) -> RequestError:
         return RequestError(504, f"no answer within --request-timeout {self.limits.request_timeout:g} s")
@@ -179,6 +192,13 @@ class Service:
         rid = uuid.uuid4().hex[:12]
         log(f"request {rid} failed: {type(e).__name__}: {e}")
         return RequestError(500, f"the server failed to answer (request {rid}; its log says why)")
+
+    def read_as(self, form: str) -> None:
+        """Count the shape a request's passage and question were read from; the log says each the first time."""
+        if form not in self.forms_seen:
+            self.forms_seen.add(form)
+            log(f"an OpenAI-route request read as: {form} (later ones of this shape: loraqa_request_forms_total)")
+        self.metrics.forms.labels(form).inc()
 
     def answered(self, route: str, start: float, questions: int = 1) -> None:
         self.metrics.answers.inc(questions)
