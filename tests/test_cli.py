@@ -118,8 +118,11 @@ def test_answering_gives_what_peft_and_generate_give_one_question_at_a_time(run,
     assert ours == theirs and len(ours) == len(examples)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ask", "--help"], ["serve", "--help"], ["cache"]])
-def test_help_and_cache_start_without_torch(argv):
+@pytest.mark.parametrize("argv", [["--help"], ["ask", "--help"], ["serve", "--help"], ["cache"], ["score"]])
+def test_help_score_and_cache_start_without_torch(argv, tmp_path):
+    if argv == ["score"]:
+        (tmp_path / "p.json").write_text(json.dumps({"q1": "Denver Broncos"}))
+        argv = ["score", str(SQUAD), str(tmp_path / "p.json")]
     code = ("import sys\nfrom loraqa.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'imported torch'\n")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
