@@ -164,8 +164,7 @@ def test_a_batch_of_kept_and_new_windows_reads_each_as_it_would_alone(tiny_model
     """Some passages from the store, the others prefilled (cut to their own width): every passage's
     keys and values those of all of them prefilled together, to float32's last bits (another batch)."""
     from loraqa.data.batching import collate_shared_prefix, shared_prefix_batches
-    from loraqa.inference import decoder
-    from loraqa.model.passage_store import PassageStore
+    from loraqa.model.passage_store import PassageStore, read_passages
     from loraqa.model.prefix_attention import prefix_attention
 
     features, _ = _window_features(tokenizer, QUESTIONS, _settings())
@@ -177,9 +176,9 @@ def test_a_batch_of_kept_and_new_windows_reads_each_as_it_would_alone(tiny_model
     assert groups >= 3 and lengths[1] < width  # a first new passage narrower than the batch
     store = PassageStore()
     with torch.inference_mode(), prefix_attention(tiny_model):
-        together = decoder._read_passages(tiny_model, tiny_model, ids, mask, mask.clone(), groups, None, None, None)
-        decoder._read_passages(tiny_model, tiny_model, ids[:1], mask[:1], mask[:1].clone(), 1, None, store, [True])
-        mixed = decoder._read_passages(tiny_model, tiny_model, ids, mask, mask.clone(), groups, None, store,
+        together = read_passages(tiny_model, tiny_model, ids, mask, mask.clone(), groups, None, None, None)
+        read_passages(tiny_model, tiny_model, ids[:1], mask[:1], mask[:1].clone(), 1, None, store, [True])
+        mixed = read_passages(tiny_model, tiny_model, ids, mask, mask.clone(), groups, None, store,
                                        [True] * groups)
     assert store.hits == 1 and store.misses == groups
     for a, b in zip(together, mixed):

@@ -13,7 +13,6 @@ import loraqa
 from loraqa.config import Config
 from loraqa.data.examples import Example
 from loraqa.data.features import Feature, FeatureStats, build_eval_features
-from loraqa.inference.decoder import keep_passage
 from loraqa.inference.documents import read, window_part
 from loraqa.inference.generate import predict, prefill_probe
 from loraqa.inference.paths import check_support, support_for
@@ -23,7 +22,7 @@ from loraqa.model.adapters import AdapterSet, ReadAdapter
 from loraqa.model.load import load_base, resolve_max_length
 from loraqa.model.lora import load_adapter, merge_for_answering
 from loraqa.model.multilora import BASE
-from loraqa.model.passage_store import PassageStore
+from loraqa.model.passage_store import PassageStore, keep_passage
 from loraqa.model.precision import autocast, choose_precision, store_frozen_weights
 from loraqa.model.recall import check_key
 from loraqa.model.span import answer_spans

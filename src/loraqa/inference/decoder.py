@@ -27,10 +27,11 @@ import torch
 from torch.profiler import record_function
 from transformers import StaticCache
 
-from loraqa.model.multilora import BASE, routing
-from loraqa.model.passage_store import PassageStore
+from loraqa.model.multilora import routing
 from loraqa.model.load import base_model, cache_kwarg
-from loraqa.model.prefix import KVPool, positions_after, prefill_runs, prefix_positions, spread_static, static_cache
+from loraqa.model.passage_store import PassageStore, read_passages
+from loraqa.model.prefix import (KVPool, positions_after, prefill_runs, prefix_positions, spread_static, static_cache,
+                                  with_adapters)
 from loraqa.model.prefix_attention import SharedPrefix, prefix_attention
 from loraqa.model.support import DecodingSupport, decoding_support, windows_lifted
 
@@ -187,7 +188,7 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
         prefix_full[:, :past] = prefix_mask
         with record_function("prefill:passage"):
             prefill_runs(model, cache, prefix_ids, prefix_mask.sum(-1).tolist(), prefix_full,
-                         prefix_positions(prefix_mask), 0, _with_adapters(kw, group_adapters))
+                         prefix_positions(prefix_mask), 0, with_adapters(kw, group_adapters))
         with record_function("cache:spread"):  # (G, ...) -> (B + carried, ...): each row gets its group's prefix
             spread_static(cache, row_prefix, pool, rows + extra, side)
         mask[:rows, :past] = past_mask
@@ -195,7 +196,7 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     mask[:rows, past:past + width] = attention_mask
     with record_function("prefill:question"):
         logits = prefill_runs(model, cache, input_ids, lengths.tolist(), mask[:rows], position_ids, past,
-                              _with_adapters(kw, adapters), room=rows + extra)
+                              with_adapters(kw, adapters), room=rows + extra)
     for layer in cache.layers:
         layer.cumulative_length.fill_(col)
     live = Live(cache, kw, mask, position_ids[:, -1:] + 1, input_ids.new_zeros(rows),
@@ -205,12 +206,6 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
         with record_function("cache:carry"):
             _take_in(live, carried, rows)
     return live, logits, rows
-
-
-def _with_adapters(kw: dict, adapters: list[str] | None) -> dict:
-    """``kw`` with ``adapter_names`` (one per row) for ``model.prefix.prefill_runs`` to route a run's
-    rows to their adapters (``model.adapters.routing``)."""
-    return kw if adapters is None else {**kw, "adapter_names": adapters}
 
 
 def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_prefix: torch.Tensor,
@@ -226,7 +221,7 @@ def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, ro
     mask = prefix_mask.new_zeros(room, slots)
     mask[:groups, :width] = prefix_mask
     if width:
-        keys, values = _read_passages(model, lm, prefix_ids, prefix_mask, mask, room, adapters, passages, keep)
+        keys, values = read_passages(model, lm, prefix_ids, prefix_mask, mask, room, adapters, passages, keep)
     elif carried is not None:  # no passage in this batch: room for the carried rows' alone
         keys = [k.new_zeros(room, *k.shape[1:]) for k in carried.keys]
         values = [v.new_zeros(room, *v.shape[1:]) for v in carried.values]
@@ -239,77 +234,6 @@ def _passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, ro
         with record_function("cache:carry"):
             prefix.take_in(carried)
     return prefix
-
-
-@torch.inference_mode()
-def keep_passage(model, ids: list[int], adapter: str | None, passages: PassageStore,
-                 support: DecodingSupport | None = None) -> bool:
-    """Prefill passage ``ids`` alone (with ``adapter``, a model's LoRA handle, or None) into ``passages``,
-    as a batch that reads it would keep it; False where it was kept already or the path is not the
-    shared one (the caller's precision applies: run it under its autocast)."""
-    support = support or decoding_support(model)
-    if support.path != "shared" or (adapter or BASE, tuple(ids)) in passages.entries:
-        return False
-    lm = base_model(model)
-    ids_t = torch.tensor([ids], device=next(lm.parameters()).device)
-    mask = torch.ones_like(ids_t)
-    with _attention(lm, True, support.window is not None):
-        _read_passages(model, lm, ids_t, mask, mask.clone(), 1, None if adapter is None else [adapter], passages,
-                       [True], count=False)
-    return True
-
-
-def _read_passages(model, lm, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, mask: torch.Tensor, room: int,
-                   adapters: list[str] | None, passages: PassageStore | None, keep: list[bool] | None,
-                   count: bool = True):
-    """Each layer's (room, kv heads, slots, head dim) keys and values of the passages (left-padded in
-    ``prefix_ids``' width): those ``passages`` keeps copied in, the others prefilled (and then kept)."""
-    groups, width = prefix_ids.shape
-    lengths = prefix_mask.sum(-1).tolist()
-    names = adapters or [BASE] * groups
-    ids = [tuple(prefix_ids[g, width - n:].tolist()) if keep and keep[g] and n else None for g, n in enumerate(lengths)]
-    found = [passages.get(names[g], ids[g], count) if ids[g] else None for g in range(groups)]
-    todo = [g for g in range(groups) if found[g] is None]
-    keys = values = None
-    if len(todo) == groups:  # nothing kept: all prefilled, as without a store
-        store = static_cache(lm, mask.size(1))
-        with record_function("prefill:passage"):
-            prefill_runs(model, store, prefix_ids, lengths, mask[:groups], prefix_positions(prefix_mask), 0,
-                         _with_adapters({cache_kwarg(lm): store, "use_cache": True}, adapters), room=room)
-        keys, values = [layer.keys for layer in store.layers], [layer.values for layer in store.layers]
-        return _kept_back(passages, names, ids, lengths, width, keys, values)
-    if todo:  # those not kept, cut to their own width (a fresh cache's first write must start at its slot 0)
-        pick, cut = torch.tensor(todo, device=prefix_ids.device), lengths[todo[0]]
-        store = static_cache(lm, cut)
-        with record_function("prefill:passage"):
-            prefill_runs(model, store, prefix_ids[pick, width - cut:], [lengths[g] for g in todo],
-                         prefix_mask[pick, width - cut:], prefix_positions(prefix_mask[pick, width - cut:]), 0,
-                         _with_adapters({cache_kwarg(lm): store, "use_cache": True},
-                                        adapters and [adapters[g] for g in todo]))
-        keys, values = [layer.keys for layer in store.layers], [layer.values for layer in store.layers]
-    like = found[next(g for g in range(groups) if found[g] is not None)]
-    shapes = [(room, k.size(0), mask.size(1), k.size(-1)) for k in like.keys]
-    full_keys = [k.new_zeros(shape) for k, shape in zip(like.keys, shapes)]
-    full_values = [v.new_zeros(shape) for v, shape in zip(like.values, shapes)]
-    for layer in range(len(full_keys)):
-        for j, g in enumerate(todo):
-            full_keys[layer][g, :, width - cut:width] = keys[layer][j]
-            full_values[layer][g, :, width - cut:width] = values[layer][j]
-        for g, kept in enumerate(found):
-            if kept is not None:
-                full_keys[layer][g, :, width - lengths[g]:width] = kept.keys[layer]
-                full_values[layer][g, :, width - lengths[g]:width] = kept.values[layer]
-    return _kept_back(passages, names, [ids[g] if g in todo else None for g in range(groups)], lengths, width,
-                      full_keys, full_values)
-
-
-def _kept_back(passages, names, ids, lengths, width, keys, values):
-    """Leave the passages marked by ``ids`` in ``passages``; return (keys, values)."""
-    for g, passage in enumerate(ids):
-        if passage is not None:
-            span = slice(width - lengths[g], width)
-            passages.put(names[g], passage, [k[g, :, span] for k in keys], [v[g, :, span] for v in values])
-    return keys, values
 
 
 def _no_passage(lm, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -143,6 +143,12 @@ def width_runs(widths: list[int], run_cost: int = RUN_COST_TOKENS) -> list[tuple
     return runs[::-1]
 
 
+def with_adapters(kw: dict, adapters: list[str] | None) -> dict:
+    """``kw`` with ``adapter_names`` (one per row) for ``model.prefix.prefill_runs`` to route a run's
+    rows to their adapters (``model.adapters.routing``)."""
+    return kw if adapters is None else {**kw, "adapter_names": adapters}
+
+
 def prefill_runs(model, cache, input_ids: torch.Tensor, lengths: list[int], mask: torch.Tensor,
                  position_ids: torch.Tensor, start: int, kw: dict, room: int | None = None) -> torch.Tensor:
     """Prefill left-padded rows (widest first) into cache slots ``start .. start + width`` in runs
