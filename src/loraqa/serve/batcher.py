@@ -88,7 +88,8 @@ class Batcher:
     def read_ahead(self, adapter: str | None, windows: list[str]) -> None:
         """Read ``windows`` of a document just asked about while no request waits, their keys and values
         kept (``Answerer.read_ahead``), so the next question about it reads none of them again."""
-        self.ahead.extend((adapter, w) for w in windows)
+        queued = set(self.ahead)  # a document asked about again: its windows wait once
+        self.ahead.extend(dict.fromkeys((adapter, w) for w in windows if (adapter, w) not in queued))
         self.wake.set()
 
     def size(self) -> int:
