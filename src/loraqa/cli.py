@@ -278,6 +278,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from loraqa.data.extract import read_document
     from loraqa.data.load import read_questions
     from loraqa.inference.answerer import ask
+    from loraqa.inference.documents import answer_row, where
     from loraqa.io import write_text_atomic
 
     config = _config(args, ASK_FLAGS)
@@ -296,14 +297,14 @@ def cmd_ask(args: argparse.Namespace) -> None:
         examples = [Example("1", "", context, args.question, ())]
     sources: dict = {}
     answers = ask(config, args.adapter, examples, sources=sources)
-    rows = [_answer_row(ex, answers[ex.id], document, sources.get(ex.id)) for ex in examples]
+    rows = [answer_row(ex, answers[ex.id], document, sources.get(ex.id)) for ex in examples]
     if not args.input:
         if answers["1"] is None:
             raise ValueError("the question does not fit the model's window with an answer, even with no passage; "
                              "shorten it, or raise --max-length")
         print(answers["1"])  # an empty line when the model says the passage does not answer it
         if document:
-            print(f"[loraqa] {_where(rows[0])}", file=sys.stderr)
+            print(f"[loraqa] {where(rows[0])}", file=sys.stderr)
         elif not answers["1"]:
             print("[loraqa] no answer: the model says the passage does not answer the question", file=sys.stderr)
         return
@@ -312,36 +313,6 @@ def cmd_ask(args: argparse.Namespace) -> None:
         write_text_atomic(args.output, lines)
     else:
         sys.stdout.write(lines)
-
-
-def _where(row: dict) -> str:
-    """Where a document's answer came from, in words."""
-    if row["no_answer"]:
-        return "not found in the document" + (f" ({row['windows_read']} windows read)" if "windows_read" in row else "")
-    place = f"characters {row['start']}-{row['end']}" if row.get("start") is not None else "not a span of the document"
-    page = f", page {row['page']}" if row.get("page") else ""
-    window = f", window {row['window']} (characters {row['window_start']}-{row['window_end']}, score " \
-             f"{row['score']:.3f})" if "window" in row else ""
-    return f"from {place}{page}{window}"
-
-
-def _answer_row(example, answer: str | None, document=None, source=None) -> dict:
-    """One line of ``ask --input``'s output: the answer, or why there is none; for a ``--document``,
-    where it came from (character offsets, page, the window and its score)."""
-    row = {"id": example.id, "question": example.question, "answer": answer, "no_answer": answer == ""}
-    if answer is None:
-        row["error"] = "not answered: the question does not fit the model's window, even with no passage"
-    if document is None or not answer:
-        return {**row, **({"windows_read": source.windows_read} if source is not None and answer == "" else {})}
-    if source is not None:
-        row.update({"start": source.start, "end": source.end, "window": source.window,
-                    "window_start": source.window_start, "window_end": source.window_end,
-                    "score": round(source.score, 4), "windows_read": source.windows_read})
-    else:  # the document fit one window
-        at = example.context.find(answer)
-        row.update({"start": at if at >= 0 else None, "end": at + len(answer) if at >= 0 else None})
-    row["page"] = document.page_of(row["start"])
-    return row
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -221,3 +221,33 @@ def _choose(ex: Example, chosen: list[int], windows: list[tuple[int, int]], answ
     result.answers[ex.id] = answer
     result.sources[ex.id] = Source(w, s, e, 1.0 - p, s + at if at >= 0 else None,
                                    s + at + len(answer) if at >= 0 else None, len(read_in))
+
+
+def where(row: dict) -> str:
+    """Where a document's answer came from, in words."""
+    if row["no_answer"]:
+        return "not found in the document" + (f" ({row['windows_read']} windows read)" if "windows_read" in row else "")
+    place = f"characters {row['start']}-{row['end']}" if row.get("start") is not None else "not a span of the document"
+    page = f", page {row['page']}" if row.get("page") else ""
+    window = f", window {row['window']} (characters {row['window_start']}-{row['window_end']}, score " \
+             f"{row['score']:.3f})" if "window" in row else ""
+    return f"from {place}{page}{window}"
+
+
+def answer_row(example, answer: str | None, document=None, source=None) -> dict:
+    """One line of ``ask --input``'s output: the answer, or why there is none; for a ``--document``,
+    where it came from (character offsets, page, the window and its score)."""
+    row = {"id": example.id, "question": example.question, "answer": answer, "no_answer": answer == ""}
+    if answer is None:
+        row["error"] = "not answered: the question does not fit the model's window, even with no passage"
+    if document is None or not answer:
+        return {**row, **({"windows_read": source.windows_read} if source is not None and answer == "" else {})}
+    if source is not None:
+        row.update({"start": source.start, "end": source.end, "window": source.window,
+                    "window_start": source.window_start, "window_end": source.window_end,
+                    "score": round(source.score, 4), "windows_read": source.windows_read})
+    else:  # the document fit one window
+        at = example.context.find(answer)
+        row.update({"start": at if at >= 0 else None, "end": at + len(answer) if at >= 0 else None})
+    row["page"] = document.page_of(row["start"])
+    return row
