@@ -39,10 +39,12 @@ def _parses(monkeypatch) -> list:
     return parsed
 
 
-def test_the_cache_gives_the_files_model_and_tokenizer_and_reads_the_file_once(tiny_gguf, own_cache, monkeypatch):
+def test_the_cache_gives_the_files_model_and_tokenizer_and_reads_the_file_once(tiny_gguf, own_cache, monkeypatch,
+                                                                                capsys):
     parsed = _parses(monkeypatch)
     model, tokenizer = load_model(str(tiny_gguf)), load_tokenizer(str(tiny_gguf))
     assert parsed == [str(tiny_gguf)]  # the config, tokenizer and weights from one parse
+    assert "MiB in all (`loraqa cache clear` frees it)" in capsys.readouterr().err  # its size, said
     entry = own_cache / "models"
     assert [p.name for p in entry.iterdir()] and model_source(str(tiny_gguf))[1] == {}
     reference, ref_tokenizer = gguf_cache.read_gguf(tiny_gguf)

@@ -53,6 +53,9 @@ def gguf_folder(path: Path) -> Path | None:
     except OSError as e:
         log(f"cache: cannot write {entry} ({e.strerror or e}); {path.name} is read from the GGUF file each time")
         return None
+    size, _ = cache_size(cache_dir())
+    log(f"cache: {entry.name[:12]}... holds {cache_size(entry)[0] / 2**20:,.0f} MiB; loraqa's cache "
+        f"{size / 2**20:,.0f} MiB in all (`loraqa cache clear` frees it)")
     return entry
 
 
