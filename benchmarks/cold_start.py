@@ -28,9 +28,10 @@ from pathlib import Path
 
 START = re.compile(r"start: ([\d.]+) s \(imports and input ([\d.]+), model ([\d.]+), adapter ([\d.]+), "
                    r"path check and precision ([\d.]+)\)")
-LOADING = ("import llama_cpp, sys, time\n"
+LOADING = ("import os, sys\n"
            "from llama_cpp import Llama\n"
-           "llm = Llama(sys.argv[1], n_ctx=2048, verbose=False)\n"
+           "llm = Llama(sys.argv[1], n_ctx=2048, n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), "
+           "verbose=False)\n"
            "out = llm(open(sys.argv[2]).read(), max_tokens=32, temperature=0.0, top_k=1, stop=['\\n'])\n"
            "print(out['choices'][0]['text'].strip())\n")
 
