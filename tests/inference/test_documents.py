@@ -152,7 +152,7 @@ def test_kept_windows_give_the_answers_of_the_windows_read_again(tiny_model, tok
     features, _ = _window_features(tokenizer, QUESTIONS, settings)
     cpu, store, fresh_probs, probs = torch.device("cpu"), PassageStore(), {}, {}
     fresh = predict(tiny_model, tokenizer, features, settings, cpu, progress=False, na_probs=fresh_probs)
-    assert predict(tiny_model, tokenizer, features, settings, cpu, progress=False, passages=store) == fresh
+    assert predict(tiny_model, tokenizer, features, settings, cpu, progress=False, passages=store, na_probs={}) == fresh
     windows = store.misses  # each batch's passages: here windows (or the part two windows begin with)
     assert store.hits == 0 and windows == len(store.entries) >= 3
     assert predict(tiny_model, tokenizer, features, settings, cpu, progress=False, passages=store,

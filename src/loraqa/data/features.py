@@ -23,6 +23,9 @@ class Feature:
     # a document window's question: how many prompt tokens are its window's part, the same for every question
     # (``Context: <window>\nQuestion:``): the part a batch may share and a ``PassageStore`` keep
     n_context: int | None = None
+    # a document window's question: (its question's key, the window's rank among those it is read in, best
+    # first); the rows of one question are rivals, one answer chosen among them (``inference.rivals``)
+    window_of: tuple[str, int] | None = None
 
 
 @dataclass

@@ -91,7 +91,7 @@ class Live:
 def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch.Tensor,
            pool: KVPool | None = None, *, carry: bool = True, choose=None, watch_id: int | None = None,
            na_thresh: float | None = None, support: DecodingSupport | None = None, on_token=None,
-           passages: PassageStore | None = None) -> Iterator[tuple[object, list[int], float | None]]:
+           passages: PassageStore | None = None, prune=None) -> Iterator[tuple[object, list[int], float | None]]:
     """Yields (tag, tokens, watched) for every row as it ends: its tokens up to and including its
     first stop token (at most ``max_new_tokens``), and the probability its first token was
     ``watch_id`` (None without one): with the no-answer token, SQuAD v2.0's no-answer probability.
@@ -106,6 +106,8 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     (the ``shared`` path) or copied into each row (``copies``), and whether windows are lifted: every
     prompt here must fit the model's smallest window, prompt and answer (``DecodingSupport.fits``).
     ``passages``: where the batches' kept passages (``Batch.keep``) are found and left, on the shared path.
+    ``prune(tags, tokens so far, watched)``, after each step, names the live rows to end there, tokens
+    as they are (``inference.rivals``: rows whose answer can no longer be chosen).
     """
     support = support or decoding_support(model)
     if support.path not in ("shared", "copies"):
@@ -124,9 +126,11 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
             handover = len(live.tags) // CARRY_SHARE if carry else -1
             yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh,
                                      on_token)
+            yield from _pruned(live, prune)
             batch = next(batches, None)
         while live.tags and (batch is None or len(live.tags) > handover):
             yield from _step(model, live, stops, max_new_tokens, choose, attend, on_token)
+            yield from _pruned(live, prune)
 
 
 @contextmanager
@@ -281,6 +285,20 @@ def _ended(live: Live, next_ids: torch.Tensor, stops: set, max_new_tokens: int, 
     if len(going) < len(live.tags):
         with record_function("cache:compact"):
             live.keep(torch.tensor(sorted(going), dtype=torch.long, device=live.pending.device))
+
+
+def _pruned(live: Live, prune) -> Iterator[tuple[object, list[int], float | None]]:
+    """End the live rows ``prune`` names, with the tokens they have."""
+    if prune is None or not live.tags:
+        return
+    lost = set(prune(live.tags, live.made, live.watched))
+    if not lost:
+        return
+    for i in sorted(lost):
+        yield live.tags[i], live.made[i], live.watched[i]
+    with record_function("cache:compact"):
+        live.keep(torch.tensor([i for i in range(len(live.tags)) if i not in lost], dtype=torch.long,
+                               device=live.pending.device))
 
 
 def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_new_tokens: int, choose,

@@ -17,6 +17,7 @@ characters), its score, and the answer's character offsets in the document.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 from loraqa.data.documents import split_windows
@@ -31,6 +32,7 @@ from loraqa.model.passage_store import PassageStore
 
 QUESTION_ROOM = 64  # tokens a window leaves for the question (a longer one cuts the window's end, counted)
 MIN_WINDOW = 32     # tokens: a smaller window would hold a sentence or less
+RECENT = 8          # passages whose token counts, windows and BM25 index are kept (``_windows``)
 SEP = "\x1f"        # between a question's id and its window's index, in the ids of window questions
 
 
@@ -72,19 +74,39 @@ def window_size(tokenizer, settings: DecodeSettings) -> int | None:
 
 def token_counts(tokenizer, examples: list[Example]) -> dict[str, int]:
     """Each distinct passage's length in tokens (a document's questions share one count)."""
-    contexts = dict.fromkeys(ex.context for ex in examples)
-    return {c: len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in contexts}
+    return {c: _count(tokenizer, c) for c in dict.fromkeys(ex.context for ex in examples)}
 
 
-def rank(questions: list[str], texts: list[str], k: int) -> list[list[int]]:
+# the last few passages' token counts, windows and BM25 index, kept: a server's next question about
+# a document tokenises, splits and indexes it again otherwise (~0.1 s for 5,000 words on 2 cores)
+@functools.lru_cache(maxsize=RECENT)
+def _count(tokenizer, context: str) -> int:
+    return len(tokenizer(context, add_special_tokens=False)["input_ids"])
+
+
+@functools.lru_cache(maxsize=RECENT)
+def _windows(tokenizer, context: str, size: int, overlap: int, k: int):
+    """(a long passage's windows, their BM25 index: None where there are at most ``k``)."""
+    windows = tuple(split_windows(tokenizer, context, size, overlap))
+    return windows, (bm25_index([context[s:e] for s, e in windows]) if len(windows) > k else None)
+
+
+def bm25_index(texts: list[str]):
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    return retriever
+
+
+def rank(questions: list[str], texts: list[str], k: int, index=None) -> list[list[int]]:
     """For each question, the indices of the ``k`` texts BM25 scores highest for it (ties: document
-    order); the texts are indexed once for all the questions."""
+    order); the texts are indexed once for all the questions (``index``: already, by ``bm25_index``)."""
     import bm25s
 
     if len(texts) <= k:
         return [list(range(len(texts))) for _ in questions]
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    retriever = index or bm25_index(texts)
     ranked = []
     for question in questions:
         query = bm25s.tokenize([question], stopwords="en", show_progress=False)
@@ -122,9 +144,10 @@ def plan(tokenizer, examples: list[Example], settings: DecodeSettings, counts: d
         if ex.id in long:
             by_passage.setdefault(ex.context, []).append(ex)
     for context, questions in by_passage.items():
-        windows = done.spans[context] = split_windows(tokenizer, context, size, overlap)
+        windows, index = _windows(tokenizer, context, size, overlap, settings.windows_per_question)
+        done.spans[context] = list(windows)
         ranked = rank([ex.question for ex in questions], [context[s:e] for s, e in windows],
-                      settings.windows_per_question)
+                      settings.windows_per_question, index)
         for ex, chosen in zip(questions, ranked):
             done.chosen[ex.id] = chosen
     for ex in examples:  # in the examples' order
@@ -146,7 +169,8 @@ def window_part(tokenizer, template: str, window: str) -> list[int] | None:
 def mark_windows(tokenizer, features: list[Feature], asked: Plan, template: str) -> list[Feature]:
     """``features`` with each window question's ``n_context``: its prompt's tokens up to its question,
     its window's part (the same for every question about the window, what a batch shares and a
-    ``PassageStore`` keeps)."""
+    ``PassageStore`` keeps); and its ``window_of``: its question and the window's rank among the
+    question's (the rows one answer is chosen among, ``inference.rivals``)."""
     if not asked.long:
         return features
     windows = {ex.id: ex.context for ex in asked.asked if SEP in ex.id}
@@ -157,6 +181,8 @@ def mark_windows(tokenizer, features: list[Feature], asked: Plan, template: str)
         if window is not None:
             if window not in parts:
                 parts[window] = window_part(tokenizer, template, window)
+            question, w = f.id.rsplit(SEP, 1)
+            f = replace(f, window_of=(question, asked.chosen[question].index(int(w))))
             if parts[window] is not None:
                 f = replace(f, n_context=common_prefix(parts[window], f.input_ids[:f.n_prompt]))
         marked.append(f)

@@ -16,6 +16,7 @@ from loraqa.inference.constrain import ContextConstraint
 from loraqa.inference.decoder import Batch, decode
 from loraqa.inference.paths import check_support
 from loraqa.inference.reference import generate_each
+from loraqa.inference.rivals import Rivals
 from loraqa.inference.settings import DecodeSettings
 from loraqa.io import log
 from loraqa.model.load import base_model
@@ -127,16 +128,20 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
     heard = None if on_token is None else (lambda i, token: on_token(features[i].id, token))
     options = {"choose": choose, "watch_id": watch_id, "na_thresh": na_thresh, "on_token": heard}
     by_row = None if adapters is None else {where[f.id]: adapters[f.id] for f in slow}
+    # a document's question read in several windows: rows whose answer cannot be chosen end early
+    rivals = Rivals.of(tokenizer, features, no_answer, na_thresh) if watch_id is not None else None
     with torch.inference_mode(), autocast(device, precision):
         answered = itertools.chain(
-            decode(model, batches(), max_new_tokens, stop_ids, KVPool(), support=support, passages=passages, **options)
-            if fast else (),
+            decode(model, batches(), max_new_tokens, stop_ids, KVPool(), support=support, passages=passages,
+                   prune=rivals, **options) if fast else (),
             generate_each(model, ((where[f.id], f.input_ids) for f in slow), max_new_tokens, stop_ids,
                           adapters=by_row, **options))
         for i, tokens, watched in answered:
             answer = answer_text(tokenizer, tokens)
             abstain = na_thresh is not None and watched > na_thresh
             predictions[features[i].id] = "" if abstain or (no_answer and answer == no_answer) else answer
+            if rivals is not None:
+                rivals.ended(i, predictions[features[i].id], watched)
             if na_probs is not None:
                 na_probs[features[i].id] = watched
             bar.update()

@@ -78,7 +78,10 @@ class Batcher:
     async def ask(self, features: list, passage: str = "", contexts: list[str] | None = None,
                   adapter: str | None = None, on_token=None) -> tuple[list[str], Ask]:
         """(answers, the request's ``Ask``, its tokens filled)."""
-        features = [replace(f, id=f"{next(self.ids)}") for f in features]  # request ids may clash
+        # request ids may clash: each question gets its own, and a document question's windows name this request's
+        request = next(self.ids)
+        features = [replace(f, id=f"{next(self.ids)}", window_of=f.window_of and (f"{request}:{f.window_of[0]}",
+                                                                                   f.window_of[1])) for f in features]
         item = Ask(features, asyncio.get_running_loop().create_future(), passage, adapter,
                    contexts or [passage] * len(features), on_token, [[] for _ in features])
         self.waiting.append(item)
