@@ -120,6 +120,40 @@ def test_the_batcher_takes_whole_passages_oldest_first_within_its_bound():
     assert Recorder.batches == [[0], [1, 3, 5], [2, 4]]  # p1's questions share a prefill, at most 3 a batch
 
 
+def test_two_requests_windows_of_questions_with_one_id_are_not_rivals():
+    """Two requests in one batch, each a question "q" read in two windows of its own document: each
+    request's rows are rivals among themselves only (``inference.rivals`` ends the losers early)."""
+    import asyncio
+
+    from loraqa.data.features import Feature
+    from loraqa.inference.settings import DecodeSettings
+
+    class Recorder:  # stands in for Answerer: records the rivals it is given
+        batches = []
+        adapters = None
+        settings = DecodeSettings(64)
+
+        def decode(self, features, contexts, progress=False, adapters=None, on_token=None, na_probs=None):
+            na_probs.update({f.id: 0.0 for f in features})
+            self.batches.append([f.window_of for f in features])
+            return {f.id: "x" for f in features}
+
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=8, max_wait_ms=50)
+        runner = asyncio.create_task(batcher.run())
+        asked = [asyncio.create_task(batcher.answer([Feature("q\x1f0", [1], 1, window_of=("q", 0)),
+                                                     Feature("q\x1f3", [2], 1, window_of=("q", 1))], doc))
+                 for doc in ("document A", "document B")]
+        await asyncio.wait_for(asyncio.gather(*asked), 10)
+        runner.cancel()
+        batcher.close()
+
+    asyncio.run(scenario())
+    [rows] = Recorder.batches  # one batch
+    assert [rank for _, rank in rows] == [0, 1, 0, 1]
+    assert rows[0][0] == rows[1][0] != rows[2][0] == rows[3][0]
+
+
 def test_serve_checks_its_limits_before_loading(capsys):
     assert main(["serve", "--model", "no/such-model", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err

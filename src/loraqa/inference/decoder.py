@@ -6,7 +6,8 @@ every step (``model.prefix_attention``; a model whose attention does not take it
 each row instead). Prompts are left-padded so each row's next token lands in the same column;
 position ids count only real tokens, so a padded row computes what it would alone. Rows are
 prefilled in runs of similar width, so little padding is computed. Each row stops at its first
-stop token and leaves the batch (its rows of the cache dropped). The cache is a ``StaticCache``
+stop token and leaves the batch (its rows of the cache dropped), or earlier where the caller's
+``prune`` says its answer can no longer be chosen (``inference.rivals``). The cache is a ``StaticCache``
 written in place (why: docs/design-notes.md). A LoRA adapter arrives merged
 (``model.lora.merge_for_answering``).
 
