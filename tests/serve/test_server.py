@@ -154,6 +154,40 @@ def test_two_requests_windows_of_questions_with_one_id_are_not_rivals():
     assert rows[0][0] == rows[1][0] != rows[2][0] == rows[3][0]
 
 
+def test_a_window_being_read_ahead_is_still_waiting():
+    """``loraqa_document_read_ahead_waiting`` counts the window being read, not only those queued: a
+    client that waits for 0 then finds the decoder free."""
+    import asyncio
+
+    from loraqa.inference.settings import DecodeSettings
+
+    seen = []
+
+    class Reader:  # stands in for Answerer: records what the gauge would say while each window is read
+        adapters = None
+        settings = DecodeSettings(64)
+
+        def read_ahead(self, window, adapter):
+            seen.append((window, len(self.batcher.ahead) + self.batcher.reading_ahead))
+            time.sleep(0.05)
+
+    reader = Reader()
+    batcher = reader.batcher = Batcher(reader, max_batch_size=8, max_wait_ms=0)
+
+    async def scenario():
+        runner = asyncio.create_task(batcher.run())
+        batcher.read_ahead(None, ["w1", "w2"])
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(seen) == 2 and not batcher.reading_ahead:
+                break
+        runner.cancel()
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert seen == [("w1", 2), ("w2", 1)] and batcher.reading_ahead == 0
+
+
 def test_serve_checks_its_limits_before_loading(capsys):
     assert main(["serve", "--model", "no/such-model", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err

@@ -68,6 +68,7 @@ class Batcher:
         self.running_adapters: set[str] = set()
         # (adapter handle or None, window text): documents' windows to read while no request waits
         self.ahead: deque[tuple[str | None, str]] = deque(maxlen=READ_AHEAD)
+        self.reading_ahead = 0  # 1 while a window taken from ``ahead`` is being read
 
     async def answer(self, features: list, passage: str = "", contexts: list[str] | None = None,
                      adapter: str | None = None, on_token=None) -> list[str]:
@@ -126,7 +127,11 @@ class Batcher:
         while True:
             while not self.waiting:
                 if self.ahead:  # idle: one window (a prefill of ~0.5 s on 2 cores), then look again
-                    await loop.run_in_executor(self.worker, self._read_ahead, *self.ahead.popleft())
+                    self.reading_ahead = 1
+                    try:
+                        await loop.run_in_executor(self.worker, self._read_ahead, *self.ahead.popleft())
+                    finally:
+                        self.reading_ahead = 0
                     continue
                 self.wake.clear()
                 await self.wake.wait()

@@ -45,7 +45,8 @@ class ServerState:
         if store is not None:  # documents' windows kept across requests (model.passage_store)
             yield _gauge("loraqa_document_cache_bytes", "Bytes of documents' windows' keys and values kept", store.bytes)
             yield _gauge("loraqa_document_cache_windows", "Documents' windows kept", len(store.entries))
-            yield _gauge("loraqa_document_read_ahead_waiting", "Windows waiting to be read ahead", len(b.ahead))
+            yield _gauge("loraqa_document_read_ahead_waiting", "Windows waiting to be read ahead, or being read",
+                         len(b.ahead) + b.reading_ahead)
             for what, value, doc in (("hits", store.hits, "Windows taken from the cache"),
                                      ("misses", store.misses, "Windows prefilled (then kept)"),
                                      ("evictions", store.evictions, "Windows let go for the memory budget"),
