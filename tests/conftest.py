@@ -216,3 +216,5 @@ def pdf_bytes(pages: list[str]) -> bytes:
 # a document longer than a small window, the answer to "When was the mill rebuilt?" in its last sentence
 LONG_DOCUMENT = " ".join(f"Paragraph {n} tells of the river, the hills and the old roads of the valley."
                          for n in range(60)) + "\n\nThe mill was rebuilt in 1887 by the Muller family."
+LONG_DOCUMENT_QUESTIONS = ["When was the mill rebuilt?", "Who rebuilt the mill?", "What tells of the river?",
+                           "Which roads are old?", "What is in the valley?", "Where are the hills?"]

@@ -4,7 +4,7 @@ and the answer of the window least likely to hold none is chosen, with where it 
 
 import pytest
 import torch
-from conftest import LONG_DOCUMENT, SQUAD
+from conftest import LONG_DOCUMENT, LONG_DOCUMENT_QUESTIONS, SQUAD
 
 from loraqa.config import DEFAULT_TEMPLATE
 from loraqa.data.documents import split_windows
@@ -128,8 +128,7 @@ def _window_features(tokenizer, questions, settings):
     return documents.mark_windows(tokenizer, features, asked, DEFAULT_TEMPLATE), asked
 
 
-QUESTIONS = ["When was the mill rebuilt?", "Who rebuilt the mill?", "What tells of the river?",
-             "Which roads are old?", "What is in the valley?", "Where are the hills?"]
+QUESTIONS = LONG_DOCUMENT_QUESTIONS
 
 
 def test_a_window_question_shares_its_window_part_and_no_more(tokenizer):

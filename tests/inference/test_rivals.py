@@ -2,7 +2,7 @@
 chosen across windows are the ones every row decoded to its end gives, in fewer steps."""
 
 import torch
-from conftest import LONG_DOCUMENT
+from conftest import LONG_DOCUMENT, LONG_DOCUMENT_QUESTIONS
 
 from loraqa.config import DEFAULT_TEMPLATE
 from loraqa.data.examples import Example
@@ -11,8 +11,6 @@ from loraqa.inference.documents import read
 from loraqa.inference.rivals import Rivals
 from loraqa.inference.settings import DecodeSettings
 
-QUESTIONS = ["When was the mill rebuilt?", "Who rebuilt the mill?", "What tells of the river?",
-             "Which roads are old?", "What is in the valley?", "Where are the hills?"]
 
 
 def _ids(tokenizer, text):
@@ -54,12 +52,12 @@ def test_windows_answer_as_if_every_row_decoded_to_its_end(tiny_model, tokenizer
     chosen answers, their sources and no-answer probabilities are those of full decoding."""
     settings = DecodeSettings(512, DEFAULT_TEMPLATE, max_new_tokens=12, batch_size=8, window_tokens=120,
                               doc_stride=30, windows_per_question=3)
-    examples = [Example(str(n), "", LONG_DOCUMENT, q, ()) for n, q in enumerate(QUESTIONS)]
+    examples = [Example(str(n), "", LONG_DOCUMENT, q, ()) for n, q in enumerate(LONG_DOCUMENT_QUESTIONS)]
     made = []
     monkeypatch.setattr(generate, "Rivals", type("Spy", (Rivals,), {
         "of": classmethod(lambda cls, *a: made.append(Rivals.of(*a)) or made[-1])}))
     early = read(tiny_model, tokenizer, examples, settings, torch.device("cpu"), "fp32")
     monkeypatch.setattr(generate.Rivals, "of", classmethod(lambda cls, *a: None))
     full = read(tiny_model, tokenizer, examples, settings, torch.device("cpu"), "fp32")
-    assert made[0].rows_cut > 0  # rows did end early (a random model's rows all answer)
+    assert made[0].cut  # rows did end early (a random model's rows all answer)
     assert early.answers == full.answers and early.na_probs == full.na_probs and early.sources == full.sources

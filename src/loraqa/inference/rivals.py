@@ -32,7 +32,6 @@ class Rivals:
         self.tokenizer, self.ranks, self.phrase, self.na_thresh = tokenizer, ranks, phrase, na_thresh
         self.best: dict[str, tuple[float, int]] = {}  # each question's best row sure to answer: (no-answer p, rank)
         self.cut: set[int] = set()                    # rows ended here
-        self.rows_cut = 0
 
     @classmethod
     def of(cls, tokenizer, features: list[Feature], no_answer: str, na_thresh: float | None) -> Rivals | None:
@@ -48,13 +47,20 @@ class Rivals:
     def __call__(self, tags: list, made: list[list[int]], watched: list) -> list[int]:
         """The indices of the live rows to end now: each ranked after a row of its question that is sure to answer."""
         for tag, tokens, p in zip(tags, made, watched):
-            if tag in self.ranks and p is not None and self._answers(tokens, p):
+            # a row at or behind its question's best cannot better it: its text need not be decoded again
+            if (tag in self.ranks and p is not None and not self._behind(tag, p, or_at=True)
+                    and self._answers(tokens, p)):
                 self._sure(tag, p)
-        lost = [i for i, (tag, p) in enumerate(zip(tags, watched)) if tag in self.ranks and p is not None
-                and (best := self.best.get(self.ranks[tag][0])) is not None and (p, self.ranks[tag][1]) > best]
+        lost = [i for i, (tag, p) in enumerate(zip(tags, watched))
+                if tag in self.ranks and p is not None and self._behind(tag, p)]
         self.cut.update(tags[i] for i in lost)
-        self.rows_cut += len(lost)
         return lost
+
+    def _behind(self, tag: int, p: float, or_at: bool = False) -> bool:
+        """Whether the row ranks after its question's best row sure to answer (or is that row)."""
+        question, rank = self.ranks[tag]
+        best = self.best.get(question)
+        return best is not None and ((p, rank) >= best if or_at else (p, rank) > best)
 
     def _sure(self, tag: int, p: float) -> None:
         question, rank = self.ranks[tag]
