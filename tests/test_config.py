@@ -27,6 +27,7 @@ def test_file_then_overrides(tmp_path):
     ({"method": "qlora"}, "--method must be one of"),
     ({"template": "Context: {context}\nAnswer:"}, "--template must contain {question} exactly once"),
     ({"max_length": 0}, "--max-length must be >= 1"),
+    ({"draft_tokens": -1}, "--draft-tokens must be >= 0"),
 ])
 def test_bad_settings_name_the_flag(overrides, message):
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):

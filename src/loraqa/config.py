@@ -88,6 +88,8 @@ class Config:
     eval_batch_size: int = _f(64, "most questions decoded together")
     eval_batch_tokens: int = _f(16384, "most cached tokens in a decoding batch (rows x (prompt + new tokens))")
     max_new_tokens: int = _f(32, "longest generated answer, in tokens")
+    draft_tokens: int = _f(8, "guess up to this many of an answer's next tokens from its passage and check them in "
+                              "one forward (prompt lookup: the same answers, fewer forwards; 0: off)")
     constrain_to_context: bool = _f(False, "decode only answers that are spans of the passage (train's "
                                            "final evaluation, evaluate, ask, serve)")
     na_prob_thresh: float | None = _f(
@@ -118,7 +120,7 @@ class Config:
         if not 0 <= self.doc_stride < self.window_tokens:
             raise ValueError(f"--doc-stride must be in 0..{self.window_tokens - 1} (below --window-tokens), "
                              f"got {self.doc_stride}")
-        for name in ("save_steps", "eval_loss_examples", "negative_windows"):
+        for name in ("save_steps", "eval_loss_examples", "negative_windows", "draft_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("max_train_examples", "max_eval_examples", "max_length", "max_batch_tokens"):
@@ -165,7 +167,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # so a run that ran out of memory at step 900 resumes with --gradient-checkpointing or
 # --max-batch-tokens instead of starting over.
 RESUME_MAY_CHANGE = frozenset({"gradient_checkpointing", "max_batch_tokens", "save_steps", "keep_checkpoints",
-                               "report_to", "eval_batch_size", "eval_batch_tokens"})
+                               "report_to", "eval_batch_size", "eval_batch_tokens", "draft_tokens"})
 
 
 def _flag(name: str) -> str:

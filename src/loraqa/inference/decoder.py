@@ -15,6 +15,12 @@ A batch's last few rows are *carried*: once at most a quarter of its rows are st
 next batch is prefilled and they continue among its rows. A step reads every weight whatever the
 number of rows, so on a CPU a step of one row costs nearly what a step of sixty does; carried, a
 batch's long answers ride along the next batch's steps instead of running alone (docs/speed.md).
+
+With a ``draft`` (``inference.lookup``), a step of few rows runs each row's pending token and a
+guess at the tokens after it in one forward, and keeps of the guess what greedy decoding would have
+chosen one step at a time (by the same ``choose``), then the token chosen after it: several tokens
+for one forward's cost. A row's cache columns for a rejected guess stay masked, holes its position
+ids skip, so each row computes what it would alone.
 """
 
 from __future__ import annotations
@@ -31,12 +37,16 @@ from transformers import StaticCache
 from loraqa.model.multilora import routing
 from loraqa.model.load import base_model, cache_kwarg
 from loraqa.model.passage_store import PassageStore, read_passages
-from loraqa.model.prefix import (KVPool, positions_after, prefill_runs, prefix_positions, spread_static, static_cache,
-                                  with_adapters)
+from loraqa.model.prefix import (RUN_COST_TOKENS, KVPool, positions_after, prefill_runs, prefix_positions,
+                                  spread_static, static_cache, with_adapters)
 from loraqa.model.prefix_attention import SharedPrefix, prefix_attention
 from loraqa.model.support import DecodingSupport, decoding_support, windows_lifted
 
 CARRY_SHARE = 4  # a batch hands its rows on to the next once at most 1/CARRY_SHARE of them are left
+# a drafting step computes at most this many guessed tokens in all (rows x draft): about twice a
+# forward's own cost (model.prefix.RUN_COST_TOKENS), so a step of many rows runs one token each
+DRAFT_TOKENS = 2 * RUN_COST_TOKENS
+DRAFT_ROOM = 4  # cache columns kept for guesses, in first guesses' lengths (``draft.most``)
 
 
 @dataclass
@@ -92,7 +102,8 @@ class Live:
 def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch.Tensor,
            pool: KVPool | None = None, *, carry: bool = True, choose=None, watch_id: int | None = None,
            na_thresh: float | None = None, support: DecodingSupport | None = None, on_token=None,
-           passages: PassageStore | None = None, prune=None) -> Iterator[tuple[object, list[int], float | None]]:
+           passages: PassageStore | None = None, prune=None, draft=None
+           ) -> Iterator[tuple[object, list[int], float | None]]:
     """Yields (tag, tokens, watched) for every row as it ends: its tokens up to and including its
     first stop token (at most ``max_new_tokens``), and the probability its first token was
     ``watch_id`` (None without one): with the no-answer token, SQuAD v2.0's no-answer probability.
@@ -109,6 +120,9 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     ``passages``: where the batches' kept passages (``Batch.keep``) are found and left, on the shared path.
     ``prune(tags, tokens so far, watched)``, after each step, names the live rows to end there, tokens
     as they are (``inference.rivals``: rows whose answer can no longer be chosen).
+    ``draft(tag, tokens so far, most)`` guesses up to ``most`` of a row's next tokens
+    (``inference.lookup.PromptLookup``; ``draft.most``: a first guess's length, which sizes the room
+    kept for guesses), checked in one forward: the tokens are the same.
     """
     support = support or decoding_support(model)
     if support.path not in ("shared", "copies"):
@@ -121,8 +135,9 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
     batch = next(batches, None)
     while batch is not None or (live is not None and live.tags):
         if batch is not None:
+            room = max_new_tokens + (DRAFT_ROOM * draft.most if draft is not None else 0)
             with attend():
-                live, logits, first_rows = _admit(model, batch, max_new_tokens, pool,
+                live, logits, first_rows = _admit(model, batch, room, pool,
                                                   live if live and live.tags else None, shared, passages)
             handover = len(live.tags) // CARRY_SHARE if carry else -1
             yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh,
@@ -130,7 +145,11 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
             yield from _pruned(live, prune)
             batch = next(batches, None)
         while live.tags and (batch is None or len(live.tags) > handover):
-            yield from _step(model, live, stops, max_new_tokens, choose, attend, on_token)
+            drafts = None if draft is None else _drafts(live, draft, max_new_tokens)
+            if drafts is None:
+                yield from _step(model, live, stops, max_new_tokens, choose, attend, on_token)
+            else:
+                yield from _verify(model, live, drafts, stops, max_new_tokens, choose, attend, on_token)
             yield from _pruned(live, prune)
 
 
@@ -141,9 +160,10 @@ def _attention(lm, shared: bool, lift: bool):
         yield
 
 
-def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live | None, shared: bool,
+def _admit(model, batch: Batch, room: int, pool: KVPool, carried: Live | None, shared: bool,
            passages: PassageStore | None = None) -> tuple[Live, torch.Tensor, int]:
-    """Prefill ``batch`` into a fresh ``StaticCache`` with room for the ``carried`` rows, which are
+    """Prefill ``batch`` into a fresh ``StaticCache`` with ``room`` columns after the prompts (the
+    longest answer, and any drafts' holes) and room for the ``carried`` rows, which are
     copied in after it, their filled columns ending where the batch's do (so every pending token
     goes to one column). Where the model allows (``model.prefix_attention``), the passages stay
     one copy each beside the rows' cache; otherwise each row's cache starts with a copy of its passage.
@@ -180,9 +200,9 @@ def _admit(model, batch: Batch, max_new_tokens: int, pool: KVPool, carried: Live
     extra = 0 if carried is None else len(carried.tags)
     side = 1 if carried is not None and carried.side == 0 else 0  # not the side the carried rows are in
     col = past + width if carried is None else max(past + width, carried.col)
-    cache = static_cache(lm, col + max_new_tokens)
+    cache = static_cache(lm, col + room)
     kw = {cache_kwarg(lm): cache, "use_cache": True}
-    mask = attention_mask.new_zeros(rows + extra, col + max_new_tokens)
+    mask = attention_mask.new_zeros(rows + extra, col + room)
     prefix = None
     if shared:
         prefix = _passages(model, lm, prefix_ids, prefix_mask, row_prefix, carried and carried.prefix, group_adapters,
@@ -271,18 +291,21 @@ def _take_in(live: Live, carried: Live, start: int) -> None:
         live.adapters += carried.adapters
 
 
-def _ended(live: Live, next_ids: torch.Tensor, stops: set, max_new_tokens: int, rows: range, on_token=None
+def _ended(live: Live, new: list[list[int]], stops: set, max_new_tokens: int, rows: range, on_token=None
            ) -> Iterator[tuple[object, list[int], float | None]]:
-    """Record ``next_ids`` as rows ``rows``' tokens; yield the rows that end with them and drop them."""
+    """Record ``new`` as rows ``rows``' next tokens (one each, or a drafting step's several); yield
+    the rows that end with them (at the first that ends them: the rest are dropped) and drop them."""
     going = [i for i in range(len(live.tags)) if i not in rows]
-    for i, t in zip(rows, next_ids.tolist()):
-        live.made[i].append(t)
-        gone = on_token is not None and on_token(live.tags[i], t)  # its listener left: the row ends here
-        if gone or t in stops or len(live.made[i]) == max_new_tokens:
-            yield live.tags[i], live.made[i], live.watched[i]
+    for i, tokens in zip(rows, new):
+        for t in tokens:
+            live.made[i].append(t)
+            gone = on_token is not None and on_token(live.tags[i], t)  # its listener left: the row ends here
+            if gone or t in stops or len(live.made[i]) == max_new_tokens:
+                yield live.tags[i], live.made[i], live.watched[i]
+                break
         else:
             going.append(i)
-    live.pending[rows.start:rows.stop] = next_ids
+    live.pending[rows.start:rows.stop] = torch.tensor([t[-1] for t in new], device=live.pending.device)
     if len(going) < len(live.tags):
         with record_function("cache:compact"):
             live.keep(torch.tensor(sorted(going), dtype=torch.long, device=live.pending.device))
@@ -315,7 +338,7 @@ def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_n
         next_ids = torch.where(abstain, watch_id, next_ids)
     if watched is not None:
         live.watched[:rows] = watched.tolist()
-    yield from _ended(live, next_ids, stops, max_new_tokens, range(rows), on_token)
+    yield from _ended(live, [[t] for t in next_ids.tolist()], stops, max_new_tokens, range(rows), on_token)
 
 
 def _step(model, live: Live, stops: set, max_new_tokens: int, choose, attend, on_token=None) -> Iterator:
@@ -329,7 +352,65 @@ def _step(model, live: Live, stops: set, max_new_tokens: int, choose, attend, on
     live.col += 1
     live.positions = live.positions + 1
     next_ids = logits.argmax(-1) if choose is None else choose(logits, live.made, live.tags)
-    yield from _ended(live, next_ids, stops, max_new_tokens, range(len(live.tags)), on_token)
+    yield from _ended(live, [[t] for t in next_ids.tolist()], stops, max_new_tokens, range(len(live.tags)), on_token)
+
+
+def _drafts(live: Live, draft, max_new_tokens: int) -> list[list[int]] | None:
+    """Each row's guess at its next tokens, as long as the step's budget (``DRAFT_TOKENS``) and the
+    cache's room allow: each forward uses its width of columns whatever it keeps, and every row must
+    still have room for its longest answer. None where no row has a guess worth a forward."""
+    left = [max_new_tokens - len(m) for m in live.made]  # tokens each row may still run
+    most = min(DRAFT_TOKENS // len(live.tags), live.mask.size(1) - live.col - max(left))
+    if most < 2:  # a guess of one token a row costs more than it saves, at this many rows
+        return None
+    drafts = [draft(tag, made, min(most, n - 1)) for tag, made, n in zip(live.tags, live.made, left)]
+    return drafts if any(drafts) else None
+
+
+def _verify(model, live: Live, drafts: list[list[int]], stops: set, max_new_tokens: int, choose, attend,
+            on_token=None) -> Iterator:
+    """Run every row's pending token and its draft in one forward; keep what greedy decoding chooses."""
+    rows, width, device = len(live.tags), 1 + max(map(len, drafts)), live.pending.device
+    lengths = torch.tensor([len(d) for d in drafts], device=device)[:, None]
+    steps = torch.arange(width, device=device)[None]
+    tokens = live.pending[:, None].repeat(1, width)
+    for i, d in enumerate(drafts):
+        tokens[i, 1:1 + len(d)] = torch.tensor(d, device=device)
+    live.mask[:, live.col:live.col + width] = steps <= lengths  # a shorter draft's last columns: padding
+    positions = live.positions + torch.minimum(steps, lengths)
+    with record_function("decode:verify"), attend(), routing(model, live.adapters):
+        logits = model(input_ids=tokens, attention_mask=live.mask, position_ids=positions, **live.kw).logits
+    new = _kept(logits, drafts, live, stops, max_new_tokens, choose)
+    for i, n in enumerate(map(len, new)):  # columns past what a row kept are holes
+        live.mask[i, live.col + n:live.col + width] = 0
+    live.positions = live.positions + torch.tensor([len(n) for n in new], device=device)[:, None]
+    live.col += width
+    yield from _ended(live, new, stops, max_new_tokens, range(rows), on_token)
+
+
+def _kept(logits: torch.Tensor, drafts: list[list[int]], live: Live, stops: set, max_new_tokens: int,
+          choose) -> list[list[int]]:
+    """Each row's tokens from a drafting step: the choice after its pending token, then after each
+    draft token while the choice before it was that draft token (and did not end the row)."""
+    new: list[list[int]] = [[] for _ in drafts]
+    best = logits.argmax(-1).tolist() if choose is None else None
+    active = list(range(len(drafts)))
+    for j in range(logits.size(1)):
+        if not active:
+            break
+        if choose is None:
+            picked = [best[i][j] for i in active]
+        else:
+            picked = choose(logits[active, j], [live.made[i] + new[i] for i in active],
+                            [live.tags[i] for i in active]).tolist()
+        going = []
+        for i, t in zip(active, picked):
+            new[i].append(t)
+            if (j < len(drafts[i]) and drafts[i][j] == t and t not in stops
+                    and len(live.made[i]) + len(new[i]) < max_new_tokens):
+                going.append(i)
+        active = going
+    return new
 
 
 @torch.inference_mode()

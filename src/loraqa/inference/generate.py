@@ -14,6 +14,7 @@ from loraqa.data.features import Feature, median_batch, no_answer_token
 from loraqa.data.prompt import cut_answer
 from loraqa.inference.constrain import ContextConstraint
 from loraqa.inference.decoder import Batch, decode
+from loraqa.inference.lookup import PromptLookup
 from loraqa.inference.paths import check_support
 from loraqa.inference.reference import generate_each
 from loraqa.inference.rivals import Rivals
@@ -130,10 +131,13 @@ def predict(model, tokenizer, features: list[Feature], settings: DecodeSettings,
     by_row = None if adapters is None else {where[f.id]: adapters[f.id] for f in slow}
     # a document's question read in several windows: rows whose answer cannot be chosen end early
     rivals = Rivals.of(tokenizer, features, no_answer, na_thresh) if watch_id is not None else None
+    # an answer copies its passage: guesses at its next tokens from the prompt, checked in one forward
+    draft = (PromptLookup([f.input_ids[:f.n_prompt] for f in features], settings.draft_tokens)
+             if settings.draft_tokens else None)
     with torch.inference_mode(), autocast(device, precision):
         answered = itertools.chain(
             decode(model, batches(), max_new_tokens, stop_ids, KVPool(), support=support, passages=passages,
-                   prune=rivals, **options) if fast else (),
+                   prune=rivals, draft=draft, **options) if fast else (),
             generate_each(model, ((where[f.id], f.input_ids) for f in slow), max_new_tokens, stop_ids,
                           adapters=by_row, **options))
         for i, tokens, watched in answered:

@@ -3,7 +3,7 @@
 ``model.support`` picks the fastest path that can be exact from the model's config and modules. A
 family or a setting nobody listed there could still make that path compute something else, so the
 first time a model answers in float32 the path's logits on a few of the run's own questions (one
-passage's, rows of different widths, a few decoding steps) are compared with transformers'
+passage's, rows of different widths, a few decoding steps, guesses from the prompts among them) are compared with transformers'
 ``generate`` one question at a time. A path that differs, or fails, hands over to the next slower
 one (shared -> copies -> generate), said in one log line; the decision is kept on the model.
 
@@ -23,6 +23,7 @@ import torch
 from loraqa.data.batching import collate_shared_prefix, shared_prefix_batches
 from loraqa.data.features import Feature
 from loraqa.inference.decoder import Batch, decode
+from loraqa.inference.lookup import PromptLookup
 from loraqa.inference.reference import greedy_only
 from loraqa.io import log
 from loraqa.model.load import base_model
@@ -97,8 +98,10 @@ def _differs(model, sample: list[Feature], pad_id: int, support: DecodingSupport
                   (t["prefix_ids"], t["prefix_mask"], t["row_prefix"]))
     try:
         with torch.inference_mode():
+            # guesses from the prompts, as answering makes them: a guessing step's logits are checked too
             made = {tag: tokens for tag, tokens, _ in decode(model, [batch], CHECK_STEPS, never, choose=record,
-                                                            support=support)}
+                                                            support=support,
+                                                            draft=PromptLookup([f.input_ids for f in order]))}
     except Exception as e:  # noqa: BLE001 - any failure of a fast path on this model hands over to the next path
         return f"fails on it ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
     worst = 0.0

@@ -14,6 +14,7 @@ class DecodeSettings:
     max_length: int                  # prompt + answer budget in tokens (--max-length, capped by the model)
     template: str = DEFAULT_TEMPLATE
     max_new_tokens: int = 32         # longest answer; a span head's longest span
+    draft_tokens: int = 8            # most tokens guessed from the passage per row and step (inference.lookup; 0: off)
     batch_size: int = 64             # most questions decoded together (--eval-batch-size)
     batch_tokens: int | None = None  # most cached tokens in a batch, rows x (prompt + new tokens)
     no_answer_text: str = ""         # what the model was trained to say for "no answer" ("": EOS at once)
@@ -29,6 +30,7 @@ class DecodeSettings:
     def from_config(cls, config: Config, max_length: int) -> DecodeSettings:
         """The run's settings, with ``max_length`` as resolved against the model."""
         return cls(max_length=max_length, template=config.template, max_new_tokens=config.max_new_tokens,
+                   draft_tokens=config.draft_tokens,
                    batch_size=config.eval_batch_size, batch_tokens=config.eval_batch_tokens,
                    no_answer_text=config.no_answer_text, constrain_to_context=config.constrain_to_context,
                    na_prob_thresh=config.na_prob_thresh, method=config.method, doc_stride=config.doc_stride,
