@@ -16,11 +16,9 @@ next batch is prefilled and they continue among its rows. A step reads every wei
 number of rows, so on a CPU a step of one row costs nearly what a step of sixty does; carried, a
 batch's long answers ride along the next batch's steps instead of running alone (docs/speed.md).
 
-With a ``draft`` (``inference.lookup``), a step of few rows runs each row's pending token and a
-guess at the tokens after it in one forward, and keeps of the guess what greedy decoding would have
-chosen one step at a time (by the same ``choose``), then the token chosen after it: several tokens
-for one forward's cost. A row's cache columns for a rejected guess stay masked, holes its position
-ids skip, so each row computes what it would alone.
+With a ``draft`` (``inference.lookup``), a step of few rows checks guessed tokens instead
+(``inference.drafting``): the same tokens, several for one forward. The rows decoding, and how they
+end: ``inference.rows``.
 """
 
 from __future__ import annotations
@@ -32,21 +30,18 @@ from dataclasses import dataclass
 
 import torch
 from torch.profiler import record_function
-from transformers import StaticCache
 
+from loraqa.inference.drafting import DRAFT_ROOM, drafts, verify
+from loraqa.inference.rows import Live, ended, pruned
 from loraqa.model.multilora import routing
 from loraqa.model.load import base_model, cache_kwarg
 from loraqa.model.passage_store import PassageStore, read_passages
-from loraqa.model.prefix import (RUN_COST_TOKENS, KVPool, positions_after, prefill_runs, prefix_positions,
-                                  spread_static, static_cache, with_adapters)
+from loraqa.model.prefix import (KVPool, positions_after, prefill_runs, prefix_positions, spread_static, static_cache,
+                                  with_adapters)
 from loraqa.model.prefix_attention import SharedPrefix, prefix_attention
 from loraqa.model.support import DecodingSupport, decoding_support, windows_lifted
 
 CARRY_SHARE = 4  # a batch hands its rows on to the next once at most 1/CARRY_SHARE of them are left
-# a drafting step computes at most this many guessed tokens in all (rows x draft): about twice a
-# forward's own cost (model.prefix.RUN_COST_TOKENS), so a step of many rows runs one token each
-DRAFT_TOKENS = 2 * RUN_COST_TOKENS
-DRAFT_ROOM = 4  # cache columns kept for guesses, in first guesses' lengths (``draft.most``)
 
 
 @dataclass
@@ -64,39 +59,6 @@ class Batch:
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     adapters: list[str] | None = None
     keep: list[bool] | None = None
-
-
-@dataclass
-class Live:
-    """The rows decoding now: one batch's, with any carried from the batches before. Every row's
-    ``pending`` token (chosen, not yet run) goes to column ``col`` of the cache."""
-
-    cache: StaticCache
-    kw: dict
-    mask: torch.Tensor       # (R, slots): the filled real slots
-    positions: torch.Tensor  # (R, 1): each pending token's position id
-    pending: torch.Tensor    # (R,)
-    tags: list
-    made: list[list[int]]    # each row's tokens so far, pending included
-    col: int
-    watched: list            # each row's probability that its first token was the watched one, or None
-    pool: KVPool
-    side: int                # the pool's side that holds the cache (-1: none)
-    prefix: SharedPrefix | None = None  # the rows' passages, when kept apart from the cache
-    adapters: list[str] | None = None   # each row's LoRA adapter (Batch.adapters)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Only ``rows`` go on: the others' slots leave the cache (copied into the pool's other side),
-        so later steps compute these alone."""
-        self.side = 1 if self.side == 0 else 0
-        spread_static(self.cache, rows, self.pool, side=self.side)  # the same row gather, into the other side
-        self.mask, self.positions, self.pending = self.mask[rows], self.positions[rows], self.pending[rows]
-        if self.prefix is not None:
-            self.prefix.keep(rows)
-        picked = rows.tolist()
-        self.tags, self.made, self.watched = ([x[i] for i in picked] for x in (self.tags, self.made, self.watched))
-        if self.adapters is not None:
-            self.adapters = [self.adapters[i] for i in picked]
 
 
 def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch.Tensor,
@@ -142,15 +104,15 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
             handover = len(live.tags) // CARRY_SHARE if carry else -1
             yield from _first_tokens(live, logits, first_rows, stops, max_new_tokens, choose, watch_id, na_thresh,
                                      on_token)
-            yield from _pruned(live, prune)
+            yield from pruned(live, prune)
             batch = next(batches, None)
         while live.tags and (batch is None or len(live.tags) > handover):
-            drafts = None if draft is None else _drafts(live, draft, max_new_tokens)
-            if drafts is None:
+            guesses = None if draft is None else drafts(live, draft, max_new_tokens)
+            if guesses is None:
                 yield from _step(model, live, stops, max_new_tokens, choose, attend, on_token)
             else:
-                yield from _verify(model, live, drafts, stops, max_new_tokens, choose, attend, on_token)
-            yield from _pruned(live, prune)
+                yield from verify(model, live, guesses, stops, max_new_tokens, choose, attend, on_token)
+            yield from pruned(live, prune)
 
 
 @contextmanager
@@ -291,40 +253,6 @@ def _take_in(live: Live, carried: Live, start: int) -> None:
         live.adapters += carried.adapters
 
 
-def _ended(live: Live, new: list[list[int]], stops: set, max_new_tokens: int, rows: range, on_token=None
-           ) -> Iterator[tuple[object, list[int], float | None]]:
-    """Record ``new`` as rows ``rows``' next tokens (one each, or a drafting step's several); yield
-    the rows that end with them (at the first that ends them: the rest are dropped) and drop them."""
-    going = [i for i in range(len(live.tags)) if i not in rows]
-    for i, tokens in zip(rows, new):
-        for t in tokens:
-            live.made[i].append(t)
-            gone = on_token is not None and on_token(live.tags[i], t)  # its listener left: the row ends here
-            if gone or t in stops or len(live.made[i]) == max_new_tokens:
-                yield live.tags[i], live.made[i], live.watched[i]
-                break
-        else:
-            going.append(i)
-    live.pending[rows.start:rows.stop] = torch.tensor([t[-1] for t in new], device=live.pending.device)
-    if len(going) < len(live.tags):
-        with record_function("cache:compact"):
-            live.keep(torch.tensor(sorted(going), dtype=torch.long, device=live.pending.device))
-
-
-def _pruned(live: Live, prune) -> Iterator[tuple[object, list[int], float | None]]:
-    """End the live rows ``prune`` names, with the tokens they have."""
-    if prune is None or not live.tags:
-        return
-    lost = set(prune(live.tags, live.made, live.watched))
-    if not lost:
-        return
-    for i in sorted(lost):
-        yield live.tags[i], live.made[i], live.watched[i]
-    with record_function("cache:compact"):
-        live.keep(torch.tensor([i for i in range(len(live.tags)) if i not in lost], dtype=torch.long,
-                               device=live.pending.device))
-
-
 def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_new_tokens: int, choose,
                   watch_id, na_thresh, on_token=None) -> Iterator:
     """The batch's first tokens, from its prefill's logits (the carried rows already have theirs)."""
@@ -338,7 +266,7 @@ def _first_tokens(live: Live, logits: torch.Tensor, rows: int, stops: set, max_n
         next_ids = torch.where(abstain, watch_id, next_ids)
     if watched is not None:
         live.watched[:rows] = watched.tolist()
-    yield from _ended(live, [[t] for t in next_ids.tolist()], stops, max_new_tokens, range(rows), on_token)
+    yield from ended(live, [[t] for t in next_ids.tolist()], stops, max_new_tokens, range(rows), on_token)
 
 
 def _step(model, live: Live, stops: set, max_new_tokens: int, choose, attend, on_token=None) -> Iterator:
@@ -352,65 +280,7 @@ def _step(model, live: Live, stops: set, max_new_tokens: int, choose, attend, on
     live.col += 1
     live.positions = live.positions + 1
     next_ids = logits.argmax(-1) if choose is None else choose(logits, live.made, live.tags)
-    yield from _ended(live, [[t] for t in next_ids.tolist()], stops, max_new_tokens, range(len(live.tags)), on_token)
-
-
-def _drafts(live: Live, draft, max_new_tokens: int) -> list[list[int]] | None:
-    """Each row's guess at its next tokens, as long as the step's budget (``DRAFT_TOKENS``) and the
-    cache's room allow: each forward uses its width of columns whatever it keeps, and every row must
-    still have room for its longest answer. None where no row has a guess worth a forward."""
-    left = [max_new_tokens - len(m) for m in live.made]  # tokens each row may still run
-    most = min(DRAFT_TOKENS // len(live.tags), live.mask.size(1) - live.col - max(left))
-    if most < 2:  # a guess of one token a row costs more than it saves, at this many rows
-        return None
-    drafts = [draft(tag, made, min(most, n - 1)) for tag, made, n in zip(live.tags, live.made, left)]
-    return drafts if any(drafts) else None
-
-
-def _verify(model, live: Live, drafts: list[list[int]], stops: set, max_new_tokens: int, choose, attend,
-            on_token=None) -> Iterator:
-    """Run every row's pending token and its draft in one forward; keep what greedy decoding chooses."""
-    rows, width, device = len(live.tags), 1 + max(map(len, drafts)), live.pending.device
-    lengths = torch.tensor([len(d) for d in drafts], device=device)[:, None]
-    steps = torch.arange(width, device=device)[None]
-    tokens = live.pending[:, None].repeat(1, width)
-    for i, d in enumerate(drafts):
-        tokens[i, 1:1 + len(d)] = torch.tensor(d, device=device)
-    live.mask[:, live.col:live.col + width] = steps <= lengths  # a shorter draft's last columns: padding
-    positions = live.positions + torch.minimum(steps, lengths)
-    with record_function("decode:verify"), attend(), routing(model, live.adapters):
-        logits = model(input_ids=tokens, attention_mask=live.mask, position_ids=positions, **live.kw).logits
-    new = _kept(logits, drafts, live, stops, max_new_tokens, choose)
-    for i, n in enumerate(map(len, new)):  # columns past what a row kept are holes
-        live.mask[i, live.col + n:live.col + width] = 0
-    live.positions = live.positions + torch.tensor([len(n) for n in new], device=device)[:, None]
-    live.col += width
-    yield from _ended(live, new, stops, max_new_tokens, range(rows), on_token)
-
-
-def _kept(logits: torch.Tensor, drafts: list[list[int]], live: Live, stops: set, max_new_tokens: int,
-          choose) -> list[list[int]]:
-    """Each row's tokens from a drafting step: the choice after its pending token, then after each
-    draft token while the choice before it was that draft token (and did not end the row)."""
-    new: list[list[int]] = [[] for _ in drafts]
-    best = logits.argmax(-1).tolist() if choose is None else None
-    active = list(range(len(drafts)))
-    for j in range(logits.size(1)):
-        if not active:
-            break
-        if choose is None:
-            picked = [best[i][j] for i in active]
-        else:
-            picked = choose(logits[active, j], [live.made[i] + new[i] for i in active],
-                            [live.tags[i] for i in active]).tolist()
-        going = []
-        for i, t in zip(active, picked):
-            new[i].append(t)
-            if (j < len(drafts[i]) and drafts[i][j] == t and t not in stops
-                    and len(live.made[i]) + len(new[i]) < max_new_tokens):
-                going.append(i)
-        active = going
-    return new
+    yield from ended(live, [[t] for t in next_ids.tolist()], stops, max_new_tokens, range(len(live.tags)), on_token)
 
 
 @torch.inference_mode()
