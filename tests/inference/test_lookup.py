@@ -106,3 +106,29 @@ def test_a_guessed_row_whose_listener_is_gone_ends_at_that_token(tiny_model, tok
     out, _ = _run(model, batches[:1], [-1], Guess(full, 8), on_token=on_token)
     assert out[0] == full[0][:3] and heard.count(0) == 3
     assert all(out[t] == full[t] for t in range(1, n))
+
+
+def test_a_batch_too_large_to_check_guesses_keeps_no_room_for_them(tiny_model, tokenizer, examples, monkeypatch):
+    """Guesses are checked in steps of few rows, and their holes take cache columns: a batch of many
+    rows keeps the cache its budget counts (no columns for guesses), a batch of few gets them."""
+    from dataclasses import replace
+
+    from loraqa.config import DEFAULT_TEMPLATE
+    from loraqa.data.features import build_eval_features
+    from loraqa.inference import decoder
+    from loraqa.inference.drafting import DRAFT_TOKENS
+    from tests.inference.test_decoder import _batch
+
+    lengths, make = [], decoder.static_cache
+    monkeypatch.setattr(decoder, "static_cache", lambda lm, n: lengths.append(n) or make(lm, n))
+    many = [replace(ex, id=f"{ex.id}-{i}") for i in range(DRAFT_TOKENS // 2 // len(examples) + 1) for ex in examples]
+    features, _ = build_eval_features(tokenizer, many, DEFAULT_TEMPLATE, 512, 8)
+    assert 2 * len(features) > DRAFT_TOKENS
+    model = tiny_model.eval()
+    for batch, more in (([_batch(features, tokenizer.pad_token_id, list(range(len(features))))], False),
+                        (_two_batches(tokenizer, examples)[0][:1], True)):
+        lengths.clear()
+        plain, _ = _run(model, batch, [-1])
+        guess = Guess(plain, 8)
+        drafted, _ = _run(model, batch, [-1], guess)
+        assert drafted == plain and (lengths[1] > lengths[0]) == more and bool(guess.guessed) == more
