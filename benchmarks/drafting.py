@@ -5,8 +5,8 @@ took after its prompt, the seconds, and how many answers differ (none should).
     python benchmarks/drafting.py --model $(../shared/tools/get-smollm2) --adapter RUN/adapter \\
         --eval-file ../shared/data/squad/proxy-dev-v1.1.json --questions 200
 
-``--questions N`` takes N questions spread evenly over the file. A question's prompt is prefilled in
-one or two forwards (its passage, then what follows it); the forwards counted are the decoding ones.
+``--questions N`` takes N questions spread evenly over the file. The forwards counted are the
+decoding ones (``inference.decoder``'s steps, plain or checking guesses), not the prompt's prefill.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 
+import loraqa.inference.decoder as decoder
 from loraqa.config import load_config
 from loraqa.data.load import load_examples
 from loraqa.data.features import build_eval_features
@@ -38,9 +39,12 @@ def main() -> None:
     examples = examples[::max(1, len(examples) // args.questions)][:args.questions]
     s = answerer.settings
     features, _ = build_eval_features(answerer.tokenizer, examples, s.template, s.max_length, s.max_new_tokens)
-    shapes: list[tuple[int, int]] = []
-    answerer.model.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)),
-                                             with_kwargs=True)
+    steps = [0]
+    for name in ("_step", "verify"):  # a decoding forward: one token a row, or guesses checked
+        def counted(*args, _run=getattr(decoder, name), **kwargs):
+            steps[0] += 1
+            return _run(*args, **kwargs)
+        setattr(decoder, name, counted)
     runs = {}
     print("| --draft-tokens | questions | seconds | decoding forwards a question (mean) | forwards: 0 / 1 / 2 / 3 / more |")
     print("| ---: | ---: | ---: | ---: | --- |")
@@ -48,12 +52,9 @@ def main() -> None:
         answerer.settings = dataclasses.replace(s, draft_tokens=k, batch_size=1)
         answers, forwards, began = {}, [], time.perf_counter()
         for f in features:
-            shapes.clear()
+            steps[0] = 0
             answers.update(answerer.decode([f], {f.id: ""}))
-            # the prompt's prefill: every forward before the first of one token a row (or of a guess)
-            first = next((i for i, (rows, width) in enumerate(shapes) if i and width <= 1 + s.max_new_tokens
-                          and (width == 1 or i > 1)), len(shapes))
-            forwards.append(len(shapes) - min(first, 2))
+            forwards.append(steps[0])
         seconds = time.perf_counter() - began
         runs[k] = answers
         count = Counter(min(n, 4) for n in forwards)
