@@ -28,14 +28,15 @@ def _two_batches(tokenizer, examples):
     return [_batch(first, pad, list(range(n))), _batch(second, pad, list(range(n, 2 * n)))], n
 
 
-def _run(model, batches, stops, carry, choose, path=None):
+def _run(model, batches, stops, carry=True, choose=None, path=None, **options):
+    """{tag: tokens} of 8 at most, and the forwards it took; ``options`` are ``decode``'s."""
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
     support = None if path is None else DecodingSupport(path, "set by the test")
     try:
         with torch.inference_mode():
             out = {tag: tokens for tag, tokens, _ in decode(model, batches, 8, torch.tensor(stops), carry=carry,
-                                                            choose=choose, support=support)}
+                                                            choose=choose, support=support, **options)}
     finally:
         hook.remove()
     return out, len(calls)

@@ -1,11 +1,8 @@
 import pytest
-import torch
 
 from loraqa.inference.constrain import ContextConstraint
-from loraqa.inference.decoder import decode
 from loraqa.inference.lookup import PromptLookup, follows
-from loraqa.model.support import DecodingSupport
-from tests.inference.test_decoder import _two_batches
+from tests.inference.test_decoder import _run, _two_batches
 
 
 def test_follows_finds_the_first_occurrence_with_something_after_it():
@@ -47,19 +44,6 @@ class Guess:
         return guess
 
 
-def _run(model, batches, stops, draft=None, choose=None, path=None, on_token=None):
-    calls = []
-    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
-    support = None if path is None else DecodingSupport(path, "set by the test")
-    try:
-        with torch.inference_mode():
-            out = {tag: tokens for tag, tokens, _ in decode(model, batches, 8, torch.tensor(stops), choose=choose,
-                                                            support=support, draft=draft, on_token=on_token)}
-    finally:
-        hook.remove()
-    return out, len(calls)
-
-
 @pytest.mark.parametrize("arch,path", [("gpt2", "copies"), ("llama", "shared"), ("llama", "copies")])
 @pytest.mark.parametrize("wrong", [0, 2, 8])
 def test_guessed_tokens_decode_as_one_step_at_a_time(arch, path, wrong, tiny_model_dir, tiny_llama_dir, tokenizer,
@@ -75,7 +59,7 @@ def test_guessed_tokens_decode_as_one_step_at_a_time(arch, path, wrong, tiny_mod
     stops = sorted({full[t][1] for t in range(n)} - set(full[0]))  # rows end at different steps, row 0 runs on
     plain, plain_calls = _run(model, batches, stops, path=path)
     guess = Guess(full, wrong)
-    drafted, drafted_calls = _run(model, batches, stops, guess, path=path)
+    drafted, drafted_calls = _run(model, batches, stops, path=path, draft=guess)
     assert guess.guessed and drafted == plain and set(drafted) == set(range(2 * n))
     assert len({len(t) for t in drafted.values()}) > 1
     if wrong:
@@ -88,7 +72,7 @@ def test_guesses_are_chosen_by_the_constraint_too(tiny_model, tokenizer, example
     rule = ContextConstraint(tokenizer, [ex.context for ex in examples] * 2)
     model = tiny_model.eval()
     plain, _ = _run(model, batches, [-1], choose=rule)
-    drafted, _ = _run(model, batches, [-1], Guess(plain, 3), choose=rule)
+    drafted, _ = _run(model, batches, [-1], choose=rule, draft=Guess(plain, 3))
     assert drafted == plain
 
 
@@ -103,7 +87,7 @@ def test_a_guessed_row_whose_listener_is_gone_ends_at_that_token(tiny_model, tok
         heard.append(tag)
         return tag == 0 and heard.count(0) == 3
 
-    out, _ = _run(model, batches[:1], [-1], Guess(full, 8), on_token=on_token)
+    out, _ = _run(model, batches[:1], [-1], draft=Guess(full, 8), on_token=on_token)
     assert out[0] == full[0][:3] and heard.count(0) == 3
     assert all(out[t] == full[t] for t in range(1, n))
 
@@ -130,5 +114,5 @@ def test_a_batch_too_large_to_check_guesses_keeps_no_room_for_them(tiny_model, t
         lengths.clear()
         plain, _ = _run(model, batch, [-1])
         guess = Guess(plain, 8)
-        drafted, _ = _run(model, batch, [-1], guess)
+        drafted, _ = _run(model, batch, [-1], draft=guess)
         assert drafted == plain and (lengths[1] > lengths[0]) == more and bool(guess.guessed) == more
