@@ -60,7 +60,7 @@ class FactoryDevices(TorchFunctionMode):
 
 def _leaving_and_carried(model, tokenizer, examples):
     """Two batches whose rows end at different steps (stop tokens picked from a first run), so
-    rows leave the cache and the last ones are carried into the next batch."""
+    rows leave the cache and the last ones are carried into the next batch; and that run's tokens."""
     features, _ = build_eval_features(tokenizer, examples, DEFAULT_TEMPLATE, 512, 8)
     t = collate_shared_prefix(split_groups(features), tokenizer.pad_token_id)
     n = len(features)
@@ -72,20 +72,27 @@ def _leaving_and_carried(model, tokenizer, examples):
     with torch.inference_mode():
         full = {tag: tok for tag, tok, _ in decode(model, [batches(0)], 8, torch.tensor([-1]))}
     stops = torch.tensor(sorted({full[r][1] for r in range(n)} - set(full[0])))  # row 0 runs on, others stop
-    return [batches(0), batches(n)], stops
+    return [batches(0), batches(n)], stops, full
 
 
+@pytest.mark.parametrize("guessing", [False, True])
 @pytest.mark.parametrize("path", ["shared", "copies"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_decoding_makes_its_tensors_on_the_models_device(arch, path, tiny_model_dir, tiny_llama_dir, tokenizer,
-                                                         examples):
+def test_decoding_makes_its_tensors_on_the_models_device(arch, path, guessing, tiny_model_dir, tiny_llama_dir,
+                                                         tokenizer, examples):
+    """Rows leaving and carried; with ``guessing``, steps that check guessed tokens (inference.drafting)."""
     from loraqa.model.load import load_model
+    from tests.inference.test_lookup import Guess
 
     model = load_model(str(tiny_llama_dir if arch == "llama" else tiny_model_dir)).eval()
-    batches, stops = _leaving_and_carried(model, tokenizer, examples)
+    batches, stops, full = _leaving_and_carried(model, tokenizer, examples)
+    n = len(full)
+    guess = Guess({tag: full[tag % n] for tag in range(2 * n)}, 2) if guessing else None
     watch = FactoryDevices(torch.device("cpu"))
     with watch, torch.inference_mode():
-        ended = {tag: tok for tag, tok, _ in decode(model, batches, 8, stops, support=DecodingSupport(path, "test"))}
+        ended = {tag: tok for tag, tok, _ in decode(model, batches, 8, stops, support=DecodingSupport(path, "test"),
+                                                    draft=guess)}
+    assert not guessing or guess.guessed
     assert len({len(t) for t in ended.values()}) > 1  # rows did leave at different steps
     assert not watch.wrong, watch.wrong
 
