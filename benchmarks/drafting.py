@@ -5,8 +5,10 @@ took after its prompt, the seconds, and how many answers differ (none should).
     python benchmarks/drafting.py --model $(../shared/tools/get-smollm2) --adapter RUN/adapter \\
         --eval-file ../shared/data/squad/proxy-dev-v1.1.json --questions 200
 
-``--questions N`` takes N questions spread evenly over the file. The forwards counted are the
-decoding ones (``inference.decoder``'s steps, plain or checking guesses), not the prompt's prefill.
+First, what one forward costs by its rows and tokens (no cache; median of 7), which decides what a
+guess is worth. ``--questions N`` takes N questions spread evenly over the file. The forwards
+counted are the decoding ones (``inference.decoder``'s steps, plain or checking guesses), not the
+prompt's prefill.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import time
 from collections import Counter
 
+import torch
 
 import loraqa.inference.decoder as decoder
 from loraqa.config import load_config
@@ -23,6 +26,19 @@ from loraqa.data.load import load_examples
 from loraqa.data.features import build_eval_features
 from loraqa.inference.answerer import load_answerer
 from loraqa.model.lora import adapter_settings
+
+
+def forward_seconds(model, rows: int, tokens: int, repeats: int = 7) -> float:
+    """The median time of one forward of ``rows`` x ``tokens`` (next-token logits for every token)."""
+    ids = torch.randint(0, 1000, (rows, tokens))
+    with torch.inference_mode():
+        model(input_ids=ids)  # warm
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            model(input_ids=ids)
+            times.append(time.perf_counter() - began)
+    return sorted(times)[repeats // 2]
 
 
 def main() -> None:
@@ -39,6 +55,9 @@ def main() -> None:
     examples = examples[::max(1, len(examples) // args.questions)][:args.questions]
     s = answerer.settings
     features, _ = build_eval_features(answerer.tokenizer, examples, s.template, s.max_length, s.max_new_tokens)
+    print("| one forward: rows x tokens | ms |\n| --- | ---: |")
+    for rows, tokens in ((1, 1), (1, 9), (1, 17), (3, 9), (3, 15)):
+        print(f"| {rows} x {tokens} | {1000 * forward_seconds(answerer.model, rows, tokens):.0f} |", flush=True)
     steps = [0]
     for name in ("_step", "verify"):  # a decoding forward: one token a row, or guesses checked
         def counted(*args, _run=getattr(decoder, name), **kwargs):
@@ -46,7 +65,8 @@ def main() -> None:
             return _run(*args, **kwargs)
         setattr(decoder, name, counted)
     runs = {}
-    print("| --draft-tokens | questions | seconds | decoding forwards a question (mean) | forwards: 0 / 1 / 2 / 3 / more |")
+    print("| --draft-tokens | questions | seconds | decoding forwards a question (mean) "
+          "| forwards: 0 / 1 / 2 / 3 / more |")
     print("| ---: | ---: | ---: | ---: | --- |")
     for k in args.draft_tokens:
         answerer.settings = dataclasses.replace(s, draft_tokens=k, batch_size=1)

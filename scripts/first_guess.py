@@ -74,7 +74,8 @@ def main() -> None:
     print(f"{answers} answers of several tokens that copy their paragraph; right place:")
     for name, n in counts.items():
         print(f"  {name}: {n} ({100 * n / answers:.0f}%)")
-    print(f"numbers (a lone ' ' first): {numbers}; the first place right {numbers_first}, one of the first 3 {numbers_3}")
+    print(f"numbers (a lone ' ' first): {numbers}; the first place right {numbers_first}, "
+          f"one of the first 3 {numbers_3}")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ TRAIN_FLAGS = list(fields())
 EVAL_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "eval_file", "dataset", "columns", "allow_unanswerable",
               "no_answer_text", "method", "doc_stride", "max_eval_examples", "template", "max_length",
               "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "draft_tokens", "constrain_to_context",
-              "na_prob_thresh", "precision", "seed", "output_dir", "window_tokens", "windows_per_question", "document_level"]
+              "na_prob_thresh", "precision", "seed", "output_dir", "window_tokens", "windows_per_question",
+              "document_level"]
 ASK_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "template", "max_length", "no_answer_text", "method", "doc_stride",
              "allow_unanswerable", "eval_batch_size", "eval_batch_tokens", "max_new_tokens", "draft_tokens",
-             "constrain_to_context",
-             "na_prob_thresh", "precision", "seed", "window_tokens", "windows_per_question"]
+             "constrain_to_context", "na_prob_thresh", "precision", "seed", "window_tokens", "windows_per_question"]
 MERGE_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "method", "seed"]
 EXPORT_FLAGS = ["model", "init", "tokenizer", "allow_other_weights", "method", "template", "max_new_tokens", "seed"]
 PARAMS_FLAGS = ["model", "init", "seed", "method", "r", "lora_alpha", "lora_dropout", "target_modules"]
