@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from loraqa.inference.drafting import DRAFT_ROOM, DRAFT_TOKENS, drafts, verify
+from loraqa.inference.drafting import DRAFT_ROOM, drafts, guess_budget, verify
 from loraqa.inference.rows import Live, ended, pruned
 from loraqa.model.multilora import routing
 from loraqa.model.load import base_model, cache_kwarg
@@ -100,7 +100,7 @@ def decode(model, batches: Iterable[Batch], max_new_tokens: int, stop_ids: torch
             # room for guesses' holes only in a batch small enough to check guesses (drafting.drafts):
             # a large one keeps the memory its batch budget counts
             rows = batch.input_ids.size(0) + (len(live.tags) if live is not None else 0)
-            guessing = draft is not None and 2 * rows <= DRAFT_TOKENS
+            guessing = draft is not None and guess_budget(rows) >= 2
             room = max_new_tokens + (DRAFT_ROOM * draft.most if guessing else 0)
             with attend():
                 live, logits, first_rows = _admit(model, batch, room, pool,

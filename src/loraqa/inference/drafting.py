@@ -23,13 +23,22 @@ DRAFT_TOKENS = 2 * RUN_COST_TOKENS
 DRAFT_ROOM = 4  # cache columns kept for guesses, in first guesses' lengths (``draft.most``)
 
 
+def guess_budget(rows: int) -> int:
+    """The longest guess a row may get in a step of ``rows`` rows; below 2 the step guesses nothing
+    (a guess of one token a row costs more than it saves, at that many rows)."""
+    return DRAFT_TOKENS // rows
+
+
 def drafts(live: Live, draft, max_new_tokens: int) -> list[list[int]] | None:
-    """Each row's guess at its next tokens, as long as the step's budget (``DRAFT_TOKENS``) and the
-    cache's room allow: each forward uses its width of columns whatever it keeps, and every row must
-    still have room for its longest answer. None where no row has a guess worth a forward."""
+    """Each row's guess at its next tokens, as long as the step's budget (:func:`guess_budget`) and
+    the cache's room allow: each forward uses its width of columns whatever it keeps, and every row
+    must still have room for its longest answer. None where no row has a guess worth a forward."""
+    most = guess_budget(len(live.tags))
+    if most < 2:  # checked first: a step of many rows pays nothing for guessing
+        return None
     left = [max_new_tokens - len(m) for m in live.made]  # tokens each row may still run
-    most = min(DRAFT_TOKENS // len(live.tags), live.mask.size(1) - live.col - max(left))
-    if most < 2:  # a guess of one token a row costs more than it saves, at this many rows
+    most = min(most, live.mask.size(1) - live.col - max(left))
+    if most < 2:
         return None
     guesses = [draft(tag, made, min(most, n - 1)) for tag, made, n in zip(live.tags, live.made, left)]
     return guesses if any(guesses) else None

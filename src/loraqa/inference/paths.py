@@ -4,8 +4,9 @@
 family or a setting nobody listed there could still make that path compute something else, so the
 first time a model answers in float32 the path's logits on a few of the run's own questions (one
 passage's, rows of different widths, a few decoding steps, guesses from the prompts among them)
-are compared with transformers' ``generate`` one question at a time. A path that differs, or fails, hands over to the next slower
-one (shared -> copies -> generate), said in one log line; the decision is kept on the model.
+are compared with transformers' ``generate`` one question at a time. A path that differs, or
+fails, hands over to the next slower one (shared -> copies -> generate), said in one log line; the
+decision is kept on the model.
 
 A check costs a few ``generate`` calls (1.5 s of a cold ``loraqa ask`` on SmolLM2), so ``ask`` and
 ``serve`` also keep its decision in loraqa's cache folder (``checks/``), under a key made of what
